@@ -1,0 +1,1647 @@
+"""dispatch: a job farm for a LAN.
+
+One box runs ``python dispatch.py``; every desktop that should help runs a copy of
+``agent.py``. People upload a project zip, submit a shell command, and watch it run
+on whichever desktop is free, with live output.
+
+Run:    python dispatch.py [--host HOST] [--port PORT] [--data-dir DIR]
+Users:  python dispatch.py user add EMAIL --role admin|user [--password-stdin]
+Embed:  web.run_app(create_app(Config.from_env()))
+
+Sections (``grep -n '^# ===' dispatch.py``): constants, errors, config, rate limiter,
+storage, domain rules, HTTP handlers, app, CLI.
+
+Endpoints (all under /api; the route table in ``create_app`` is the index):
+  POST /auth/login, /auth/logout, /auth/refresh
+  GET/POST /users, DELETE /users/{id}                       (admin)
+  POST /workers/register, /workers/heartbeat
+  GET /workers/list, /workers/{id}; DELETE /workers/{id}
+  POST /jobs/submit; GET /jobs/status, /jobs/list; GET /jobs/stream (WebSocket)
+  GET /jobs/get-job; POST /jobs/stream-output, /jobs/submit-result   (workers)
+  POST /files/upload; GET /files/download/{fileId}; GET /uploads/{fileId}/{name}
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["Config", "DispatchError", "JobState", "create_app", "main"]
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import getpass
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import mimetypes
+import os
+import re
+import secrets
+import socket
+import sys
+import time
+import urllib.parse
+import uuid
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import aiohttp_cors
+import aiosqlite
+import bcrypt
+import jwt
+from aiohttp import WSCloseCode, web
+
+log = logging.getLogger("dispatch")
+
+# ============================================================================
+# Constants
+# ============================================================================
+
+SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+SCHEMA_VERSION = 1
+
+TOKEN_LIFETIME = dt.timedelta(hours=24)
+REFRESH_GRACE = dt.timedelta(days=7)  # an expired token may still be refreshed this long
+MAX_LONG_POLL_SECONDS = 60
+MAX_JOB_TIMEOUT = 7 * 24 * 3600
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_TAGS = 32
+MAX_TAG_LENGTH = 64
+MAX_REQUEST_BODY = 32 * 1024 * 1024  # JSON bodies: output chunks and results
+WS_QUEUE_LIMIT = 1000  # events a WebSocket client may fall behind before it is dropped
+SWEEP_INTERVAL = 60.0
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+FILE_ID_PATTERN = re.compile(r"file-[0-9a-f]{32}")
+UPLOAD_PATH_PATTERN = re.compile(r"/uploads/(file-[0-9a-f]{32})/([^/]+)")
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
+
+# Sort keys of the list endpoints: the whitelist and its SQL column in one table.
+JOB_SORT_COLUMNS = {
+    "createdAt": "created_at",
+    "startedAt": "started_at",
+    "completedAt": "completed_at",
+    "priority": "priority_rank",
+    "status": "status",
+}
+WORKER_SORT_COLUMNS = {
+    "workerId": "id",
+    "hostname": "hostname",
+    "registeredAt": "registered_at",
+    "lastHeartbeat": "last_heartbeat",
+}
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _iso(moment: dt.datetime) -> str:
+    """ISO 8601 UTC with milliseconds, the one timestamp format of the API and the database."""
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+
+class DispatchError(Exception):
+    """An error with its HTTP status, rendered as the contract's error JSON by one middleware."""
+
+    status = 500
+    error = "Server Error"
+    code = "INTERNAL_ERROR"
+
+    def __init__(self, message: str, *, code: str | None = None, details: dict | None = None,
+                 headers: dict | None = None, extra: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.code
+        self.details = details
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> dict:
+        body = {"error": self.error, "message": self.message, "code": self.code}
+        if self.details:
+            body["details"] = self.details
+        return {**body, **self.extra}
+
+
+class InvalidRequest(DispatchError):
+    status, error, code = 400, "Invalid request", "VALIDATION_ERROR"
+
+
+class InvalidFile(DispatchError):
+    status, error, code = 400, "Invalid file", "INVALID_FILE"
+
+
+class Unauthorized(DispatchError):
+    status, error, code = 401, "Unauthorized", "UNAUTHORIZED"
+
+
+class InvalidCredentials(DispatchError):
+    status, error, code = 401, "Invalid credentials", "INVALID_CREDENTIALS"
+
+
+class Forbidden(DispatchError):
+    status, error, code = 403, "Forbidden", "FORBIDDEN"
+
+
+class NotFound(DispatchError):
+    status, error, code = 404, "Not found", "NOT_FOUND"
+
+
+class MethodNotAllowed(DispatchError):
+    status, error, code = 405, "Method not allowed", "METHOD_NOT_ALLOWED"
+
+
+class Conflict(DispatchError):
+    status, error, code = 409, "Conflict", "CONFLICT"
+
+
+class PayloadTooLarge(DispatchError):
+    status, error, code = 413, "Payload too large", "PAYLOAD_TOO_LARGE"
+
+
+class RateLimited(DispatchError):
+    status, error, code = 429, "Too Many Requests", "RATE_LIMITED"
+
+
+class ServiceUnavailable(DispatchError):
+    status, error, code = 503, "Service Unavailable", "DATABASE_UNAVAILABLE"
+
+
+def _invalid_field(field: str, message: str) -> InvalidRequest:
+    return InvalidRequest(message, details={"field": field})
+
+
+# ============================================================================
+# Configuration
+# ============================================================================
+
+# Every setting once: (field, flag, environment variable, type, default, help).
+# --help, Config.from_env and the README's configuration table all come from here.
+SETTINGS: tuple[tuple[str, str | None, str, type, Any, str], ...] = (
+    ("host", "--host", "DISPATCH_HOST", str, "0.0.0.0", "address to listen on (a LAN box must be reachable)"),
+    ("port", "--port", "DISPATCH_PORT", int, 3000, "port to listen on"),
+    ("data_dir", "--data-dir", "DISPATCH_DATA_DIR", str, "./data", "database, uploads and secrets"),
+    ("admin_email", None, "DISPATCH_ADMIN_EMAIL", str, "admin@localhost", "first admin, created on the first start"),
+    ("admin_password", None, "DISPATCH_ADMIN_PASSWORD", str, "", "first admin's password (random and printed once if unset)"),
+    ("registration_token", None, "DISPATCH_REGISTRATION_TOKEN", str, "", "token agents register with (generated once into the data dir if unset)"),
+    ("rate_limit", None, "DISPATCH_RATE_LIMIT", int, 100, "requests per minute per user or IP; 0 turns limiting off"),
+    ("worker_rate_limit", None, "DISPATCH_WORKER_RATE_LIMIT", int, 6000, "requests per minute per worker (output streaming); 0 turns it off"),
+    ("max_upload_mb", None, "DISPATCH_MAX_UPLOAD_MB", int, 500, "largest upload in MB"),
+    ("file_ttl_days", None, "DISPATCH_FILE_TTL_DAYS", int, 30, "days an upload is kept"),
+    ("heartbeat_interval", None, "DISPATCH_HEARTBEAT_INTERVAL", float, 30.0, "seconds between agent heartbeats; offline after three missed"),
+    ("max_output_mb", None, "DISPATCH_MAX_OUTPUT_MB", int, 10, "output kept per stream per job in MB"),
+    ("job_retention_days", None, "DISPATCH_JOB_RETENTION_DAYS", int, 30, "days finished jobs are kept"),
+    ("metrics_token", None, "DISPATCH_METRICS_TOKEN", str, "", "token for /metrics (unset: loopback only)"),
+    ("public_url", None, "DISPATCH_PUBLIC_URL", str, "", "base of absolute URLs (unset: the request's host)"),
+    ("cors_origins", None, "DISPATCH_CORS_ORIGINS", str, "", "comma list of browser origins allowed cross-origin"),
+    ("trusted_proxies", None, "DISPATCH_TRUSTED_PROXIES", str, "", "comma list of proxy IPs whose X-Forwarded-For is believed"),
+    ("bcrypt_rounds", None, "DISPATCH_BCRYPT_ROUNDS", int, 12, "bcrypt cost of new password hashes (4-16)"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Server configuration. Flags win over environment variables, which win over defaults."""
+
+    host: str = "0.0.0.0"
+    port: int = 3000
+    data_dir: str = "./data"
+    admin_email: str = "admin@localhost"
+    admin_password: str = ""
+    registration_token: str = ""
+    rate_limit: int = 100
+    worker_rate_limit: int = 6000
+    max_upload_mb: int = 500
+    file_ttl_days: int = 30
+    heartbeat_interval: float = 30.0
+    max_output_mb: int = 10
+    job_retention_days: int = 30
+    metrics_token: str = ""
+    public_url: str = ""
+    cors_origins: str = ""
+    trusted_proxies: str = ""
+    bcrypt_rounds: int = 12
+
+    @classmethod
+    def from_env(cls, environ: Optional[dict] = None, **overrides: Any) -> "Config":
+        """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` (flags) win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field, _flag, env, kind, _default, _help in SETTINGS:
+            raw = environ.get(env)
+            if raw not in (None, ""):
+                try:
+                    values[field] = kind(raw)
+                except ValueError:
+                    raise SystemExit(f"{env}={raw!r} is not a valid {kind.__name__}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
+
+
+def _read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
+    """A secret kept in the data dir with mode 0600, created on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    return value
+
+
+# ============================================================================
+# Rate limiter
+# ============================================================================
+
+
+class RateLimiter:
+    """Token buckets keyed by user, worker or IP: ``limit`` requests a minute, refilled smoothly."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time):
+        self._clock = clock
+        self._wall = wall
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+
+    def take(self, key: str, limit: int) -> tuple[bool, int, int, int]:
+        """Spend one token. Returns (allowed, remaining, reset epoch seconds, retry-after seconds)."""
+        now = self._clock()
+        rate = limit / 60.0
+        tokens, last = self._buckets.get(key, (float(limit), now))
+        tokens = min(float(limit), tokens + (now - last) * rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > 100_000:
+            self._forget_full_buckets(now)
+        retry_after = 0 if allowed else math.ceil((1.0 - tokens) / rate)
+        reset = math.ceil(self._wall() + (limit - tokens) / rate)
+        return allowed, int(tokens), reset, retry_after
+
+    def _forget_full_buckets(self, now: float) -> None:
+        # A bucket that would be full again carries no information; dropping it bounds memory.
+        self._buckets = {k: (t, last) for k, (t, last) in self._buckets.items() if now - last < 60.0}
+
+
+# ============================================================================
+# Storage: every SQL statement lives in this class
+# ============================================================================
+
+
+def _row_dict(row: aiosqlite.Row | None) -> dict | None:
+    return dict(row) if row is not None else None
+
+
+class Store:
+    """The SQLite database. Every write is one autocommitted statement, so a 2xx is on disk
+    (WAL) before it is sent, and no coroutine can see another's half-done transaction."""
+
+    def __init__(self, conn: aiosqlite.Connection):
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, path: Path) -> "Store":
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        conn.row_factory = aiosqlite.Row
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = NORMAL")  # survives kill -9; fsync per checkpoint
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.executescript(SCHEMA_PATH.read_text())
+        return cls(conn)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    async def _one(self, sql: str, params: tuple | dict = ()) -> dict | None:
+        async with self._conn.execute(sql, params) as cur:
+            return _row_dict(await cur.fetchone())
+
+    async def _all(self, sql: str, params: tuple | dict = ()) -> list[dict]:
+        async with self._conn.execute(sql, params) as cur:
+            return [dict(r) for r in await cur.fetchall()]
+
+    async def _write(self, sql: str, params: tuple | dict = ()) -> int:
+        async with self._conn.execute(sql, params) as cur:
+            return cur.rowcount
+
+    # -- users ---------------------------------------------------------------
+
+    async def count_users(self) -> int:
+        return (await self._one("SELECT COUNT(*) AS n FROM users"))["n"]
+
+    async def insert_user(self, user_id: str, email: str, password_hash: str, role: str, now: str) -> None:
+        try:
+            await self._write(
+                "INSERT INTO users (id, email, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)",
+                (user_id, email, password_hash, role, now))
+        except aiosqlite.IntegrityError:
+            raise Conflict("User already exists") from None
+
+    async def user_by_email(self, email: str) -> dict | None:
+        return await self._one("SELECT * FROM users WHERE email = ?", (email,))
+
+    async def user_for_token(self, user_id: str, jti: str) -> dict | None:
+        """The token's user with a ``revoked`` flag, in one query (this runs on every request)."""
+        return await self._one(
+            "SELECT id, email, role, EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = ?) AS revoked"
+            " FROM users WHERE id = ?", (jti, user_id))
+
+    async def list_users(self) -> list[dict]:
+        return await self._all("SELECT id, email, role, created_at FROM users ORDER BY created_at, id")
+
+    async def delete_user(self, user_id: str) -> bool:
+        return await self._write("DELETE FROM users WHERE id = ?", (user_id,)) > 0
+
+    async def revoke_token(self, jti: str, expires_at: int) -> None:
+        await self._write("INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?, ?)", (jti, expires_at))
+
+    async def purge_revoked_tokens(self, before: int) -> None:
+        await self._write("DELETE FROM revoked_tokens WHERE expires_at < ?", (before,))
+
+    # -- workers -------------------------------------------------------------
+
+    # A worker's status and current job are derived, never stored: offline once its heartbeat is
+    # older than the cutoff, its current job the one it holds.
+    _WORKER_VIEW = """
+        SELECT w.*,
+               CASE WHEN w.last_heartbeat < :cutoff THEN 'offline'
+                    WHEN w.reported_status = 'error' THEN 'error'
+                    ELSE 'online' END AS status,
+               (SELECT j.id FROM jobs j WHERE j.worker_id = w.id AND j.status = 'running'
+                 ORDER BY j.started_at DESC LIMIT 1) AS current_job_id
+        FROM workers w"""
+
+    async def insert_worker(self, worker: dict) -> None:
+        try:
+            await self._write(
+                "INSERT INTO workers (id, token_hash, hostname, cpu_count, total_memory_mb, metadata, tags,"
+                " registered_at, last_heartbeat) VALUES (:id, :token_hash, :hostname, :cpu_count,"
+                " :total_memory_mb, :metadata, :tags, :registered_at, :registered_at)", worker)
+        except aiosqlite.IntegrityError:
+            raise Conflict("Worker already registered", code="WORKER_EXISTS") from None
+
+    async def worker_by_token_hash(self, token_hash: str) -> dict | None:
+        return await self._one("SELECT id, tags FROM workers WHERE token_hash = ?", (token_hash,))
+
+    async def get_worker(self, worker_id: str, cutoff: str) -> dict | None:
+        return await self._one(f"SELECT * FROM ({self._WORKER_VIEW}) WHERE id = :id",
+                               {"cutoff": cutoff, "id": worker_id})
+
+    async def list_workers(self, *, cutoff: str, status: str | None, tags: list[str], order: str,
+                           limit: int, offset: int) -> tuple[int, list[dict]]:
+        where = ["(:status IS NULL OR status = :status)",
+                 "NOT EXISTS (SELECT 1 FROM json_each(:tags) t"
+                 "            WHERE t.value NOT IN (SELECT value FROM json_each(v.tags)))"]
+        params = {"cutoff": cutoff, "status": status, "tags": json.dumps(tags), "limit": limit, "offset": offset}
+        base = f"FROM ({self._WORKER_VIEW}) v WHERE {' AND '.join(where)}"
+        total = (await self._one(f"SELECT COUNT(*) AS n {base}", params))["n"]
+        rows = await self._all(f"SELECT * {base} ORDER BY {order} LIMIT :limit OFFSET :offset", params)
+        return total, rows
+
+    async def record_heartbeat(self, worker_id: str, status: str, jobs_completed: int | None, now: str) -> None:
+        await self._write(
+            "UPDATE workers SET last_heartbeat = ?, reported_status = ?,"
+            " jobs_completed = COALESCE(?, jobs_completed) WHERE id = ?",
+            (now, status, jobs_completed, worker_id))
+
+    async def delete_worker(self, worker_id: str) -> bool:
+        return await self._write("DELETE FROM workers WHERE id = ?", (worker_id,)) > 0
+
+    async def count_online_workers(self, cutoff: str) -> int:
+        return (await self._one("SELECT COUNT(*) AS n FROM workers WHERE last_heartbeat >= ?", (cutoff,)))["n"]
+
+    # -- files ---------------------------------------------------------------
+
+    async def insert_file(self, record: dict) -> None:
+        await self._write(
+            "INSERT INTO files (id, name, size, sha256, owner_id, uploaded_at, expires_at)"
+            " VALUES (:id, :name, :size, :sha256, :owner_id, :uploaded_at, :expires_at)", record)
+
+    async def get_file(self, file_id: str) -> dict | None:
+        return await self._one("SELECT * FROM files WHERE id = ?", (file_id,))
+
+    async def expired_files(self, now: str, batch: int = 100) -> list[dict]:
+        return await self._all("SELECT id FROM files WHERE expires_at < ? LIMIT ?", (now, batch))
+
+    async def delete_file(self, file_id: str) -> None:
+        await self._write("DELETE FROM files WHERE id = ?", (file_id,))
+
+    async def worker_holds_file(self, worker_id: str, file_id: str) -> bool:
+        row = await self._one("SELECT 1 AS ok FROM jobs WHERE worker_id = ? AND file_id = ? AND status = 'running'",
+                              (worker_id, file_id))
+        return row is not None
+
+    # -- jobs ----------------------------------------------------------------
+
+    async def insert_job(self, job: dict) -> dict:
+        return await self._one(
+            "INSERT INTO jobs (id, seq, command, file_id, file_name, working_directory, timeout, priority,"
+            " priority_rank, tags, status, submitted_by, created_at)"
+            " VALUES (:id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), :command, :file_id, :file_name,"
+            " :working_directory, :timeout, :priority, :priority_rank, :tags, 'queued', :submitted_by, :created_at)"
+            " RETURNING *", job)
+
+    async def queue_estimate(self, job_id: str, cutoff: str) -> dict:
+        """Jobs queued ahead of ``job_id``, recent mean run time, and online workers, in one query."""
+        return await self._one(
+            """SELECT
+                 (SELECT COUNT(*) FROM jobs q, jobs me WHERE me.id = :id AND q.status = 'queued'
+                    AND (q.priority_rank > me.priority_rank
+                         OR (q.priority_rank = me.priority_rank AND q.seq < me.seq))) AS ahead,
+                 (SELECT COUNT(*) FROM jobs WHERE status = 'running') AS running,
+                 (SELECT AVG((julianday(completed_at) - julianday(started_at)) * 86400) FROM
+                    (SELECT started_at, completed_at FROM jobs WHERE status IN ('completed', 'failed')
+                       AND started_at IS NOT NULL ORDER BY seq DESC LIMIT 50)) AS mean_run,
+                 (SELECT COUNT(*) FROM workers WHERE last_heartbeat >= :cutoff) AS online""",
+            {"id": job_id, "cutoff": cutoff})
+
+    async def get_job(self, job_id: str) -> dict | None:
+        return await self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    async def list_jobs(self, *, status: str | None, worker_id: str | None, order: str,
+                        limit: int, offset: int) -> tuple[int, list[dict]]:
+        params = {"status": status, "worker_id": worker_id, "limit": limit, "offset": offset}
+        where = "(:status IS NULL OR status = :status) AND (:worker_id IS NULL OR worker_id = :worker_id)"
+        total = (await self._one(f"SELECT COUNT(*) AS n FROM jobs WHERE {where}", params))["n"]
+        rows = await self._all(f"SELECT * FROM jobs WHERE {where} ORDER BY {order} LIMIT :limit OFFSET :offset",
+                               params)
+        return total, rows
+
+    async def claim_next_job(self, worker_id: str, worker_tags: str, now: str) -> dict | None:
+        """Hand the best queued job whose tags the worker has to this worker. One UPDATE, so two
+        workers polling at once can never both get it."""
+        return await self._one(
+            """UPDATE jobs SET status = 'running', worker_id = :worker, attempt = attempt + 1, started_at = :now
+               WHERE id = (SELECT j.id FROM jobs j WHERE j.status = 'queued'
+                             AND NOT EXISTS (SELECT 1 FROM json_each(j.tags) t
+                                             WHERE t.value NOT IN (SELECT value FROM json_each(:tags)))
+                           ORDER BY j.priority_rank DESC, j.seq LIMIT 1)
+               RETURNING *""",
+            {"worker": worker_id, "tags": worker_tags, "now": now})
+
+    async def append_output(self, job_id: str, worker_id: str, attempt: int, stream: str, data: str) -> bool:
+        """Append a chunk if the worker holds that attempt of the running job; False otherwise."""
+        return await self._write(
+            "INSERT INTO job_output (job_id, stream, data) SELECT ?, ?, ? WHERE EXISTS"
+            " (SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND worker_id = ? AND attempt = ?)",
+            (job_id, stream, data, job_id, worker_id, attempt)) > 0
+
+    async def set_progress(self, job_id: str, progress: int) -> None:
+        await self._write("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'running'", (progress, job_id))
+
+    async def finish_job(self, job_id: str, worker_id: str, attempt: int, *, status: str,
+                         exit_code: int | None, error: str | None, now: str) -> dict | None:
+        """Record the end of the attempt the worker holds; None if it does not hold it (anymore)."""
+        return await self._one(
+            "UPDATE jobs SET status = ?, exit_code = ?, error = ?, completed_at = ?"
+            " WHERE id = ? AND status = 'running' AND worker_id = ? AND attempt = ? RETURNING *",
+            (status, exit_code, error, now, job_id, worker_id, attempt))
+
+    async def requeue_worker_jobs(self, worker_id: str) -> int:
+        return await self._write(
+            "UPDATE jobs SET status = 'queued', worker_id = NULL, started_at = NULL, progress = NULL"
+            " WHERE worker_id = ? AND status = 'running'", (worker_id,))
+
+    async def job_output(self, job_id: str) -> dict[str, str]:
+        chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        async with self._conn.execute("SELECT stream, data FROM job_output WHERE job_id = ? ORDER BY chunk",
+                                      (job_id,)) as cur:
+            async for stream, data in cur:
+                chunks[stream].append(data)
+        return {stream: "".join(parts) for stream, parts in chunks.items()}
+
+
+# ============================================================================
+# Domain rules: auth, validation, the job life cycle. Nothing here sees a request.
+# ============================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user (by JWT from a header or the cookie) or a worker (by its token)."""
+
+    kind: str  # "user" or "worker"
+    id: str
+    role: str = "worker"  # "admin", "user" or "worker"
+    email: str = ""
+    via_cookie: bool = False
+    jti: str = ""
+    exp: int = 0
+    tags: str = "[]"  # a worker's tags, as stored JSON
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+class Tokens:
+    """User JWTs: HS256 only, with a persisted secret, revocable by ``jti``."""
+
+    def __init__(self, secret: str):
+        self._secret = secret
+
+    def issue(self, user: dict, now: dt.datetime) -> tuple[str, int]:
+        exp = int((now + TOKEN_LIFETIME).timestamp())
+        claims = {"sub": user["id"], "role": user["role"], "jti": uuid.uuid4().hex,
+                  "iat": int(now.timestamp()), "exp": exp}
+        return jwt.encode(claims, self._secret, algorithm="HS256"), exp
+
+    def decode(self, token: str, *, allow_expired_for: dt.timedelta | None = None) -> dict:
+        """Verified claims, or Unauthorized. The algorithm is pinned, so ``alg: none`` never passes."""
+        try:
+            claims = jwt.decode(token, self._secret, algorithms=["HS256"],
+                                options={"require": ["sub", "jti", "exp", "iat"],
+                                         "verify_exp": allow_expired_for is None})
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("Token expired", code="TOKEN_EXPIRED") from None
+        except jwt.InvalidTokenError:
+            raise Unauthorized("Invalid token", code="INVALID_TOKEN") from None
+        if allow_expired_for is not None and claims["exp"] + allow_expired_for.total_seconds() < time.time():
+            raise Unauthorized("Token too old to refresh; log in again", code="TOKEN_EXPIRED")
+        return claims
+
+
+async def _hash_password(password: str, rounds: int) -> str:
+    salt = bcrypt.gensalt(rounds=rounds)
+    return (await asyncio.to_thread(bcrypt.hashpw, password.encode(), salt)).decode()
+
+
+async def _check_password(password: str, password_hash: str) -> bool:
+    return await asyncio.to_thread(bcrypt.checkpw, password.encode(), password_hash.encode())
+
+
+# A fixed hash to check against when the email is unknown, so both cases take the same time.
+_DUMMY_PASSWORD_HASH = bcrypt.hashpw(b"dispatch", bcrypt.gensalt(rounds=12)).decode()
+
+
+async def create_user(store: Store, email: str, password: str, role: str, rounds: int) -> dict:
+    """Add a user; Conflict if the email is taken."""
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+", email or ""):
+        raise _invalid_field("email", "email must look like name@host")
+    if not isinstance(password, str) or len(password) < 8:
+        raise _invalid_field("password", "password must be at least 8 characters")
+    if role not in ("admin", "user"):
+        raise _invalid_field("role", "role must be admin or user")
+    user = {"id": _new_id("user"), "email": email, "role": role}
+    await store.insert_user(user["id"], email, await _hash_password(password, rounds), role, _iso(_utcnow()))
+    return user
+
+
+def _require_string(body: dict, field: str, *, required: bool = True, max_length: int = 1024) -> str | None:
+    value = body.get(field)
+    if value is None:
+        if required:
+            raise _invalid_field(field, f"{field} is required")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid_field(field, f"{field} must be a non-empty string")
+    if len(value.encode()) > max_length:
+        raise _invalid_field(field, f"{field} is longer than {max_length} bytes")
+    return value
+
+
+def _optional_int(body: dict, field: str, *, minimum: int = 0, maximum: int = 2**53) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise _invalid_field(field, f"{field} must be a whole number from {minimum} to {maximum}")
+    return value
+
+
+def _validate_tags(value: Any, field: str = "tags") -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_TAGS or not all(
+            isinstance(t, str) and 0 < len(t) <= MAX_TAG_LENGTH for t in value):
+        raise _invalid_field(field, f"{field} must be a list of at most {MAX_TAGS} non-empty strings "
+                                    f"of up to {MAX_TAG_LENGTH} characters")
+    return sorted(set(value))
+
+
+def _validate_working_directory(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 1024:
+        raise _invalid_field("workingDirectory", "workingDirectory must be a relative path")
+    parts = value.replace("\\", "/").split("/")
+    if (value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value) or ".." in parts
+            or any(ord(c) < 32 for c in value)):
+        raise _invalid_field("workingDirectory",
+                             "workingDirectory must be a relative path inside the project, without '..'")
+    return "/".join(p for p in parts if p not in ("", "."))  or None
+
+
+def _validate_timeout(value: Any) -> int:
+    if value is None:
+        return 600
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_JOB_TIMEOUT:
+        raise _invalid_field("timeout", f"timeout must be a positive number of seconds up to {MAX_JOB_TIMEOUT}")
+    return math.ceil(value)
+
+
+def _upload_url(file_id: str, name: str) -> str:
+    return f"/uploads/{file_id}/{urllib.parse.quote(name)}"
+
+
+def _file_id_from_url(url: Any, allowed_hosts: set[str]) -> str:
+    """The file id in a URL this server handed out for an upload, or InvalidRequest."""
+    if not isinstance(url, str):
+        raise _invalid_field("fileUrl", "fileUrl must be a string")
+    parsed = urllib.parse.urlsplit(url)
+    match = UPLOAD_PATH_PATTERN.fullmatch(parsed.path)
+    foreign = (parsed.scheme or parsed.netloc) and (parsed.scheme not in ("http", "https")
+                                                    or parsed.netloc not in allowed_hosts)
+    if not match or foreign or parsed.query or parsed.fragment:
+        raise _invalid_field("fileUrl", "fileUrl must be an upload URL from /api/files/upload "
+                                        "(/uploads/<fileId>/<name>)")
+    return match.group(1)
+
+
+def _safe_filename(name: str | None) -> str:
+    """The last path component with control and quote characters removed (never a path)."""
+    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if c.isprintable() and c not in '"<>|:*?').strip(" .")
+    return name[:200] or "upload.bin"
+
+
+def _file_is_readable_by(principal: Principal, record: dict) -> bool:
+    return principal.kind == "user" and (principal.is_admin or record["owner_id"] == principal.id)
+
+
+def job_status_from_exit(exit_code: int) -> JobState:
+    return JobState.COMPLETED if exit_code == 0 else JobState.FAILED
+
+
+class QueueBell:
+    """Wakes long-polling workers the moment a job may be available."""
+
+    def __init__(self) -> None:
+        self._waiters: set[asyncio.Future] = set()
+        self.closed = False
+
+    def listen(self) -> asyncio.Future:
+        """A future that completes at the next ring. Take it *before* looking at the queue, so a
+        job submitted in between is never missed."""
+        future = asyncio.get_running_loop().create_future()
+        if self.closed:
+            future.set_result(None)
+        else:
+            self._waiters.add(future)
+        return future
+
+    def forget(self, future: asyncio.Future) -> None:
+        self._waiters.discard(future)
+
+    def ring(self) -> None:
+        waiters, self._waiters = self._waiters, set()
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    def close(self) -> None:
+        self.closed = True
+        self.ring()
+
+
+class EventHub:
+    """Fans job events out to WebSocket clients. Each client has a bounded queue; a client that
+    falls too far behind is dropped, so it never slows the server or the other clients."""
+
+    def __init__(self) -> None:
+        self._clients: dict[web.WebSocketResponse, tuple[Optional[str], asyncio.Queue]] = {}
+
+    def subscribe(self, ws: web.WebSocketResponse, job_id: Optional[str]) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue(WS_QUEUE_LIMIT)
+        self._clients[ws] = (job_id, queue)
+        return queue
+
+    def unsubscribe(self, ws: web.WebSocketResponse) -> None:
+        self._clients.pop(ws, None)
+
+    def publish(self, event: dict) -> None:
+        if not self._clients:
+            return
+        message = json.dumps(event)
+        for ws, (job_id, queue) in list(self._clients.items()):
+            if job_id is not None and job_id != event["jobId"]:
+                continue
+            try:
+                queue.put_nowait(message)
+            except asyncio.QueueFull:
+                log.warning("dropping a WebSocket client that fell %d events behind", WS_QUEUE_LIMIT)
+                self.unsubscribe(ws)
+                asyncio.ensure_future(ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow"))
+
+    async def close_all(self) -> None:
+        for ws in list(self._clients):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        self._clients.clear()
+
+
+# ============================================================================
+# HTTP: middleware, handlers (parse -> domain -> response), WebSocket
+# ============================================================================
+
+
+def _json(data: dict, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("Request body must be valid JSON", code="INVALID_JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object", code="INVALID_JSON")
+    return body
+
+
+def _client_ip(request: web.Request, trusted: list[str]) -> str:
+    """The caller's address. X-Forwarded-For counts only when the peer is a configured proxy."""
+    peer = request.remote or "unknown"
+    if peer not in trusted:
+        return peer
+    for hop in reversed(request.headers.get("X-Forwarded-For", "").split(",")):
+        hop = hop.strip()
+        if hop and hop not in trusted:
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                break
+    return peer
+
+
+def _origin_of(request: web.Request) -> str | None:
+    origin = request.headers.get("Origin")
+    if origin is None and "Referer" in request.headers:
+        parts = urllib.parse.urlsplit(request.headers["Referer"])
+        origin = f"{parts.scheme}://{parts.netloc}"
+    return origin
+
+
+def _is_allowed_origin(request: web.Request, origin: str) -> bool:
+    same = f"{request.scheme}://{request.host}"
+    return origin.rstrip("/") in (same, *request.app[CONFIG].cors_origin_list)
+
+
+async def _authenticate(request: web.Request) -> Principal | None:
+    """The caller from its credentials, None without any; Unauthorized when they are wrong."""
+    app = request.app
+    worker_token = request.headers.get("x-worker-token")
+    if worker_token is not None:
+        worker = await app[STORE].worker_by_token_hash(_hash_token(worker_token))
+        if worker is None:
+            raise Unauthorized("Invalid worker token", code="INVALID_WORKER_TOKEN")
+        return Principal("worker", worker["id"], tags=worker["tags"])
+    token, via_cookie = _bearer(request), False
+    if token is None and "auth_token" in request.cookies:
+        token, via_cookie = request.cookies["auth_token"], True
+    if token is None:
+        return None
+    if hmac.compare_digest(token.encode(), app[CONFIG].registration_token.encode()):
+        return None  # only /workers/register accepts it, and reads it there
+    claims = app[TOKENS].decode(token)
+    user = await app[STORE].user_for_token(claims["sub"], claims["jti"])
+    if user is None or user["revoked"]:
+        raise Unauthorized("Token revoked", code="TOKEN_REVOKED")
+    return Principal("user", user["id"], user["role"], user["email"], via_cookie, claims["jti"], claims["exp"])
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure leaves as the contract's error JSON with a stable code."""
+    try:
+        return await handler(request)
+    except DispatchError as exc:
+        error = exc
+    except web.HTTPNotFound:
+        error = NotFound(f"No route for {request.method} {request.path}", code="ROUTE_NOT_FOUND")
+    except web.HTTPMethodNotAllowed:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+    except web.HTTPRequestEntityTooLarge:
+        error = PayloadTooLarge(f"Request body exceeds {MAX_REQUEST_BODY // (1024 * 1024)} MB")
+    except (aiosqlite.OperationalError, aiosqlite.DatabaseError) as exc:
+        log.error("database error on %s %s: %s", request.method, request.path, exc)
+        error = ServiceUnavailable("Database unavailable, try again shortly")
+    except (asyncio.CancelledError, web.HTTPException, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        error = DispatchError("Internal error")
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Resolve the caller, charge the rate limit to it (or its IP), and enforce same-origin
+    for cookie-authenticated state changes."""
+    config = request.app[CONFIG]
+    ip = _client_ip(request, config.trusted_proxy_list)
+    try:
+        principal = await _authenticate(request)
+    except Unauthorized:
+        _charge_rate_limit(request, f"ip:{ip}", config.rate_limit)
+        raise
+    if principal is None:
+        _charge_rate_limit(request, f"ip:{ip}", config.rate_limit)
+    elif principal.kind == "worker":
+        _charge_rate_limit(request, f"worker:{principal.id}", config.worker_rate_limit)
+    else:
+        _charge_rate_limit(request, f"user:{principal.id}", config.rate_limit)
+    if principal is not None and principal.via_cookie and request.method in STATE_CHANGING_METHODS:
+        origin = _origin_of(request)
+        if origin is not None and not _is_allowed_origin(request, origin):
+            raise Forbidden("Cross-origin request refused", code="CROSS_ORIGIN")
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+def _charge_rate_limit(request: web.Request, key: str, limit: int) -> None:
+    if limit <= 0:
+        return
+    allowed, remaining, reset, retry_after = request.app[RATE_LIMITER].take(key, limit)
+    headers = {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(remaining),
+               "X-RateLimit-Reset": str(reset)}
+    request[RATE_HEADERS] = headers
+    if not allowed:
+        raise RateLimited("Rate limit exceeded", headers={**headers, "Retry-After": str(retry_after)},
+                          extra={"retryAfter": retry_after})
+
+
+async def _add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(request.get(RATE_HEADERS, {}))
+
+
+def _user(request: web.Request, *, admin: bool = False) -> Principal:
+    principal = request[PRINCIPAL]
+    if principal is None:
+        raise Unauthorized("Authentication required")
+    if principal.kind != "user" or (admin and not principal.is_admin):
+        raise Forbidden("Permission denied")
+    return principal
+
+
+def _worker(request: web.Request) -> Principal:
+    principal = request[PRINCIPAL]
+    if principal is None:
+        raise Unauthorized("Worker token required (x-worker-token)")
+    if principal.kind != "worker":
+        raise Forbidden("Only workers may call this endpoint")
+    return principal
+
+
+def _page(request: web.Request, sort_columns: dict[str, str], default_sort: str, tiebreak: str) -> dict:
+    """limit, offset and an ORDER BY from a whitelisted sort key. The tie-break follows the
+    direction, so ``-key`` is exactly the reverse of ``key``."""
+    query = request.query
+    limit = _query_int(query, "limit", 100, 1, 1000)
+    offset = _query_int(query, "offset", 0, 0, 2**53)
+    sort = query.get("sort", default_sort)
+    column = sort_columns.get(sort.lstrip("-"))
+    if column is None:
+        raise _invalid_field("sort", f"sort must be one of {', '.join(sort_columns)} (prefix - for descending)")
+    direction = "DESC" if sort.startswith("-") else "ASC"
+    return {"limit": limit, "offset": offset, "order": f"{column} {direction}, {tiebreak} {direction}"}
+
+
+def _query_int(query, name: str, default: int, minimum: int, maximum: int) -> int:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if not minimum <= value <= maximum:
+        raise _invalid_field(name, f"{name} must be a whole number from {minimum} to {maximum}")
+    return value
+
+
+def _heartbeat_cutoff(config: Config) -> str:
+    return _iso(_utcnow() - dt.timedelta(seconds=3 * config.heartbeat_interval))
+
+
+# -- auth and users -------------------------------------------------------------
+
+
+async def login(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    email, password = body.get("email"), body.get("password")
+    if not isinstance(email, str) or not email:
+        raise _invalid_field("email", "email is required")
+    if not isinstance(password, str) or not password:
+        raise _invalid_field("password", "password is required")
+    user = await request.app[STORE].user_by_email(email)
+    valid = await _check_password(password, user["password_hash"] if user else _DUMMY_PASSWORD_HASH)
+    if user is None or not valid:
+        raise InvalidCredentials("Email or password incorrect")
+    return _token_response(request, user, {"user": {"id": user["id"], "email": user["email"], "role": user["role"]},
+                                           "expiresIn": "24h"})
+
+
+def _token_response(request: web.Request, user: dict, extra: dict) -> web.Response:
+    token, exp = request.app[TOKENS].issue(user, _utcnow())
+    response = _json({"success": True, "token": token, **extra})
+    response.set_cookie("auth_token", token, max_age=int(TOKEN_LIFETIME.total_seconds()), httponly=True,
+                        samesite="Strict", secure=request.secure, path="/")
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    principal = _user(request)
+    await request.app[STORE].revoke_token(principal.jti, principal.exp)
+    response = _json({"success": True, "message": "Logged out successfully"})
+    response.del_cookie("auth_token", path="/")
+    return response
+
+
+async def refresh(request: web.Request) -> web.Response:
+    """Swap a (possibly expired) unrevoked token for a new one; the old one is revoked."""
+    token = _bearer(request) or request.cookies.get("auth_token")
+    if token is None:
+        raise Unauthorized("Authentication required")
+    claims = request.app[TOKENS].decode(token, allow_expired_for=REFRESH_GRACE)
+    store = request.app[STORE]
+    user = await store.user_for_token(claims["sub"], claims["jti"])
+    if user is None or user["revoked"]:
+        raise Unauthorized("Token revoked", code="TOKEN_REVOKED")
+    await store.revoke_token(claims["jti"], claims["exp"] + int(REFRESH_GRACE.total_seconds()))
+    return _token_response(request, user, {})
+
+
+def _user_json(user: dict) -> dict:
+    return {"id": user["id"], "email": user["email"], "role": user["role"], "createdAt": user.get("created_at")}
+
+
+async def list_users(request: web.Request) -> web.Response:
+    _user(request, admin=True)
+    users = await request.app[STORE].list_users()
+    return _json({"success": True, "total": len(users), "users": [_user_json(u) for u in users]})
+
+
+async def add_user(request: web.Request) -> web.Response:
+    _user(request, admin=True)
+    body = await _json_body(request)
+    user = await create_user(request.app[STORE], body.get("email"), body.get("password"), body.get("role", "user"),
+                             request.app[CONFIG].bcrypt_rounds)
+    return _json({"success": True, "user": user}, status=201)
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    principal = _user(request, admin=True)
+    user_id = request.match_info["user_id"]
+    if user_id == principal.id:
+        raise Conflict("You cannot delete yourself", code="SELF_DELETE")
+    if not await request.app[STORE].delete_user(user_id):
+        raise NotFound("User not found")
+    return _json({"success": True, "message": "User deleted"})
+
+
+# -- workers --------------------------------------------------------------------
+
+
+async def register_worker(request: web.Request) -> web.Response:
+    """Register with the registration token (or an admin's JWT); returns the worker's own token."""
+    config = request.app[CONFIG]
+    principal = request[PRINCIPAL]
+    offered = _bearer(request)
+    by_token = offered is not None and hmac.compare_digest(offered.encode(), config.registration_token.encode())
+    if not by_token and not (principal is not None and principal.is_admin):
+        if principal is None:
+            raise Unauthorized("Registration token required (Authorization: Bearer <registration token>)",
+                               code="REGISTRATION_TOKEN_REQUIRED")
+        raise Forbidden("Only the registration token or an admin may register workers")
+    body = await _json_body(request)
+    worker_id = _require_string(body, "workerId", max_length=128)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", worker_id):
+        raise _invalid_field("workerId", "workerId may contain only letters, digits, '.', '_' and '-'")
+    hostname = _require_string(body, "hostname", max_length=255)
+    cpu_count = _optional_int(body, "cpuCount", minimum=1, maximum=100_000)
+    memory = _optional_int(body, "totalMemoryMb", minimum=0, maximum=2**40)
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict) or len(json.dumps(metadata)) > 16 * 1024:
+        raise _invalid_field("metadata", "metadata must be a JSON object under 16 KB")
+    tags = _validate_tags(metadata.get("tags"), "metadata.tags")
+    token = secrets.token_urlsafe(32)
+    now = _iso(_utcnow())
+    await request.app[STORE].insert_worker({
+        "id": worker_id, "token_hash": _hash_token(token), "hostname": hostname, "cpu_count": cpu_count,
+        "total_memory_mb": memory, "metadata": json.dumps(metadata), "tags": json.dumps(tags),
+        "registered_at": now})
+    log.info("worker %s registered (%s)", worker_id, hostname)
+    return _json({"success": True, "workerId": worker_id, "token": token, "registeredAt": now}, status=201)
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    worker = _worker(request)
+    body = await _json_body(request)
+    if body.get("workerId") not in (None, worker.id):
+        raise Forbidden("workerId does not match the worker token")
+    status = body.get("status", "idle")
+    if status not in ("idle", "busy", "error"):
+        raise _invalid_field("status", "status must be idle, busy or error")
+    jobs_completed = _optional_int(body, "jobsCompleted")
+    now = _utcnow()
+    await request.app[STORE].record_heartbeat(worker.id, status, jobs_completed, _iso(now))
+    return _json({"success": True, "serverTime": _iso(now),
+                  "nextCheckIn": int(request.app[CONFIG].heartbeat_interval * 1000)})
+
+
+def _worker_json(row: dict, *, detail: bool) -> dict:
+    worker = {"workerId": row["id"], "hostname": row["hostname"], "cpuCount": row["cpu_count"],
+              "totalMemoryMb": row["total_memory_mb"], "status": row["status"],
+              "activity": row["reported_status"], "lastHeartbeat": row["last_heartbeat"],
+              "registeredAt": row["registered_at"], "currentJobId": row["current_job_id"],
+              "jobsCompleted": row["jobs_completed"], "tags": json.loads(row["tags"])}
+    if detail:
+        worker["metadata"] = json.loads(row["metadata"])
+    return worker
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    _user(request)
+    page = _page(request, WORKER_SORT_COLUMNS, "registeredAt", "id")
+    status = request.query.get("status")
+    if status not in (None, "online", "offline", "error"):
+        raise _invalid_field("status", "status must be online, offline or error")
+    tags = [t for t in request.query.get("tags", "").split(",") if t]
+    total, rows = await request.app[STORE].list_workers(
+        cutoff=_heartbeat_cutoff(request.app[CONFIG]), status=status, tags=tags, **page)
+    return _json({"success": True, "total": total, "limit": page["limit"], "offset": page["offset"],
+                  "hasMore": page["offset"] + len(rows) < total,
+                  "workers": [_worker_json(r, detail=False) for r in rows]})
+
+
+async def get_worker(request: web.Request) -> web.Response:
+    _user(request)
+    row = await request.app[STORE].get_worker(request.match_info["worker_id"],
+                                               _heartbeat_cutoff(request.app[CONFIG]))
+    if row is None:
+        raise NotFound("Worker not found")
+    return _json({"success": True, "worker": _worker_json(row, detail=True)})
+
+
+async def delete_worker(request: web.Request) -> web.Response:
+    """Unregister: the token stops working at once and the worker's running jobs go back to the queue."""
+    _user(request, admin=True)
+    worker_id = request.match_info["worker_id"]
+    store = request.app[STORE]
+    if not await store.delete_worker(worker_id):
+        raise NotFound("Worker not found")
+    if await store.requeue_worker_jobs(worker_id):
+        request.app[BELL].ring()
+    log.info("worker %s unregistered", worker_id)
+    return _json({"success": True, "message": "Worker unregistered"})
+
+
+# -- jobs -----------------------------------------------------------------------
+
+
+def _allowed_upload_hosts(request: web.Request) -> set[str]:
+    hosts = {request.host}
+    public = request.app[CONFIG].public_url
+    if public:
+        hosts.add(urllib.parse.urlsplit(public).netloc)
+    return hosts
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    principal = _user(request)
+    body = await _json_body(request)
+    store = request.app[STORE]
+    command = _require_string(body, "command", max_length=MAX_COMMAND_BYTES)
+    priority = body.get("priority", "normal")
+    if priority not in PRIORITY_RANK:
+        raise _invalid_field("priority", "priority must be low, normal or high")
+    file_id = file_name = None
+    if body.get("fileUrl") not in (None, ""):
+        file_id = _file_id_from_url(body["fileUrl"], _allowed_upload_hosts(request))
+        record = await store.get_file(file_id)
+        if record is None or not _file_is_readable_by(principal, record):
+            raise _invalid_field("fileUrl", "fileUrl names no file you uploaded (or it has expired)")
+        file_name = record["name"]
+    job = await store.insert_job({
+        "id": _new_id("job"), "command": command, "file_id": file_id, "file_name": file_name,
+        "working_directory": _validate_working_directory(body.get("workingDirectory")),
+        "timeout": _validate_timeout(body.get("timeout")), "priority": priority,
+        "priority_rank": PRIORITY_RANK[priority], "tags": json.dumps(_validate_tags(body.get("tags"))),
+        "submitted_by": principal.id, "created_at": _iso(_utcnow())})
+    request.app[BELL].ring()
+    request.app[HUB].publish({"type": "job.queued", "jobId": job["id"], "command": command,
+                              "priority": priority, "createdAt": job["created_at"]})
+    estimate = await store.queue_estimate(job["id"], _heartbeat_cutoff(request.app[CONFIG]))
+    return _json({"success": True, "jobId": job["id"], "status": JobState.QUEUED.value,
+                  "createdAt": job["created_at"], "estimatedWaitTime": _estimated_wait(estimate)}, status=201)
+
+
+def _estimated_wait(estimate: dict) -> int:
+    """Seconds until a worker is likely free for the job: the jobs queued ahead and running,
+    beyond the online workers, at the recent mean run time, shared among those workers."""
+    workers = max(estimate["online"], 1)
+    waiting_for = estimate["ahead"] + estimate["running"] - workers + 1
+    if waiting_for <= 0:
+        return 0
+    return math.ceil(waiting_for * (estimate["mean_run"] or 0) / workers)
+
+
+def _job_summary(row: dict) -> dict:
+    return {"jobId": row["id"], "command": row["command"], "status": row["status"], "workerId": row["worker_id"],
+            "priority": row["priority"], "tags": json.loads(row["tags"]), "createdAt": row["created_at"],
+            "startedAt": row["started_at"], "completedAt": row["completed_at"], "exitCode": row["exit_code"],
+            "error": row["error"]}
+
+
+async def job_status(request: web.Request) -> web.Response:
+    _user(request)
+    job_id = request.query.get("jobId")
+    if not job_id:
+        raise _invalid_field("jobId", "jobId is required")
+    store = request.app[STORE]
+    row = await store.get_job(job_id)
+    if row is None:
+        raise NotFound("Job not found")
+    output = await store.job_output(job_id)
+    job = {**_job_summary(row), **output, "progress": row["progress"], "timeout": row["timeout"],
+           "workingDirectory": row["working_directory"], "attempts": row["attempt"],
+           "fileUrl": _upload_url(row["file_id"], row["file_name"]) if row["file_id"] else None}
+    return _json({"success": True, "job": job})
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    _user(request)
+    page = _page(request, JOB_SORT_COLUMNS, "createdAt", "seq")
+    status = request.query.get("status")
+    if status is not None and status not in {s.value for s in JobState}:
+        raise _invalid_field("status", f"status must be one of {', '.join(s.value for s in JobState)}")
+    total, rows = await request.app[STORE].list_jobs(status=status, worker_id=request.query.get("workerId"), **page)
+    return _json({"success": True, "total": total, "limit": page["limit"], "offset": page["offset"],
+                  "hasMore": page["offset"] + len(rows) < total, "jobs": [_job_summary(r) for r in rows]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    """A worker asks for work; with ``?wait=N`` the request waits up to N seconds for a job."""
+    worker = _worker(request)
+    wait = _query_float(request.query, "wait", 0.0, 0.0, MAX_LONG_POLL_SECONDS)
+    app = request.app
+    deadline = time.monotonic() + wait
+    while True:
+        ring = app[BELL].listen()
+        try:
+            job = await app[STORE].claim_next_job(worker.id, worker.tags, _iso(_utcnow()))
+            remaining = deadline - time.monotonic()
+            if job is not None or remaining <= 0 or app[BELL].closed:
+                break
+            await asyncio.wait({ring}, timeout=remaining)
+        finally:
+            app[BELL].forget(ring)
+    if job is None:
+        return web.Response(status=204)
+    app[HUB].publish({"type": "job.started", "jobId": job["id"], "workerId": worker.id,
+                      "attempt": job["attempt"], "startedAt": job["started_at"]})
+    log.info("job %s started on %s (attempt %d)", job["id"], worker.id, job["attempt"])
+    base = app[CONFIG].public_url.rstrip("/") or f"{request.scheme}://{request.host}"
+    file_url = base + _upload_url(job["file_id"], job["file_name"]) if job["file_id"] else None
+    return _json({"success": True, "job": {
+        "jobId": job["id"], "command": job["command"], "fileUrl": file_url,
+        "workingDirectory": job["working_directory"], "timeout": job["timeout"],
+        "attempt": job["attempt"], "tags": json.loads(job["tags"])}})
+
+
+def _query_float(query, name: str, default: float, minimum: float, maximum: float) -> float:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not minimum <= value <= maximum:
+        raise _invalid_field(name, f"{name} must be a number of seconds from {minimum:g} to {maximum:g}")
+    return value
+
+
+async def _held_job(request: web.Request, worker: Principal, body: dict) -> tuple[dict, int]:
+    """The running job named in the body and the attempt the worker holds, or 404/409."""
+    job_id = _require_string(body, "jobId", max_length=128)
+    job = await request.app[STORE].get_job(job_id)
+    if job is None:
+        raise NotFound("Job not found")
+    attempt = _optional_int(body, "attempt", minimum=1)
+    if job["worker_id"] != worker.id or job["status"] != JobState.RUNNING or attempt not in (None, job["attempt"]):
+        raise Conflict("This worker does not hold the job (it finished, was cancelled or was reassigned)",
+                       code="NOT_JOB_HOLDER")
+    return job, job["attempt"]
+
+
+def _output_field(body: dict, field: str) -> str:
+    value = body.get(field, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _invalid_field(field, f"{field} must be a string")
+    return value
+
+
+async def stream_output(request: web.Request) -> web.Response:
+    worker = _worker(request)
+    body = await _json_body(request)
+    stream = body.get("type", "stdout")
+    if stream not in ("stdout", "stderr"):
+        raise _invalid_field("type", "type must be stdout or stderr")
+    if not isinstance(body.get("data"), str):
+        raise _invalid_field("data", "data is required (a string)")
+    progress = _optional_int(body, "progress", minimum=0, maximum=100)
+    job, attempt = await _held_job(request, worker, body)
+    store = request.app[STORE]
+    if body["data"] and not await store.append_output(job["id"], worker.id, attempt, stream, body["data"]):
+        raise Conflict("This worker does not hold the job", code="NOT_JOB_HOLDER")
+    if progress is not None:
+        await store.set_progress(job["id"], progress)
+    if body["data"]:
+        request.app[HUB].publish({"type": "job.output", "jobId": job["id"], "stream": stream, "data": body["data"]})
+    return _json({"success": True, "received": True})
+
+
+async def submit_result(request: web.Request) -> web.Response:
+    """The worker's final word on its attempt. stdout/stderr here are appended to what was streamed."""
+    worker = _worker(request)
+    body = await _json_body(request)
+    if body.get("workerId") not in (None, worker.id):
+        raise Forbidden("workerId does not match the worker token")
+    exit_code = body.get("exitCode")
+    if isinstance(exit_code, bool) or not isinstance(exit_code, int) or not -(2**31) <= exit_code < 2**31:
+        raise _invalid_field("exitCode", "exitCode is required (an integer)")
+    stdout, stderr = _output_field(body, "stdout"), _output_field(body, "stderr")
+    error = body.get("error")
+    if error is not None and not isinstance(error, str):
+        raise _invalid_field("error", "error must be a string")
+    job, attempt = await _held_job(request, worker, body)
+    store = request.app[STORE]
+    for stream, data in (("stdout", stdout), ("stderr", stderr)):
+        if data:
+            await store.append_output(job["id"], worker.id, attempt, stream, data)
+    state = job_status_from_exit(exit_code)
+    if state is JobState.FAILED:
+        error = error or f"exited with code {exit_code}"
+    finished = await store.finish_job(job["id"], worker.id, attempt, status=state.value, exit_code=exit_code,
+                                      error=error if state is JobState.FAILED else None, now=_iso(_utcnow()))
+    if finished is None:
+        raise Conflict("This worker does not hold the job", code="NOT_JOB_HOLDER")
+    hub = request.app[HUB]
+    for stream, data in (("stdout", stdout), ("stderr", stderr)):
+        if data:
+            hub.publish({"type": "job.output", "jobId": job["id"], "stream": stream, "data": data})
+    hub.publish({"type": "job.completed", "jobId": job["id"], "status": finished["status"],
+                 "exitCode": exit_code, "error": finished["error"], "completedAt": finished["completed_at"]})
+    log.info("job %s %s on %s (exit %d)", job["id"], finished["status"], worker.id, exit_code)
+    return _json({"success": True, "message": "Result saved", "jobId": job["id"]})
+
+
+async def job_events(request: web.Request) -> web.WebSocketResponse:
+    """WebSocket of job events; ``?jobId=`` narrows to one job. Users only, same origin only."""
+    _user(request)
+    origin = request.headers.get("Origin")
+    if origin is not None and not _is_allowed_origin(request, origin):
+        raise Forbidden("Cross-origin WebSocket refused", code="CROSS_ORIGIN")
+    ws = web.WebSocketResponse(heartbeat=30)
+    await ws.prepare(request)
+    hub = request.app[HUB]
+    queue = hub.subscribe(ws, request.query.get("jobId"))
+
+    async def send_events() -> None:
+        while True:
+            await ws.send_str(await queue.get())
+
+    sender = asyncio.ensure_future(send_events())
+    try:
+        async for _message in ws:
+            pass  # clients only listen; reading keeps pings and the close handshake going
+    finally:
+        sender.cancel()
+        hub.unsubscribe(ws)
+    return ws
+
+
+# -- files ----------------------------------------------------------------------
+
+
+async def upload_file(request: web.Request) -> web.Response:
+    """Stream a multipart ``file`` to disk, never whole in memory; over the limit, nothing is kept."""
+    principal = _user(request)
+    config = request.app[CONFIG]
+    limit = config.max_upload_mb * 1024 * 1024
+    too_large = InvalidFile(f"File size exceeds {config.max_upload_mb}MB limit", code="FILE_TOO_LARGE")
+    if request.content_length is not None and request.content_length > limit + 64 * 1024:
+        raise too_large
+    try:
+        reader = await request.multipart()
+    except (AssertionError, ValueError, KeyError):
+        raise InvalidFile("Expected multipart/form-data with a 'file' field", code="MISSING_FILE") from None
+    field = await _next_file_field(reader)
+    file_id = _new_id("file")
+    name = _safe_filename(field.filename)
+    uploads = config.data_path / "uploads"
+    partial = uploads / f".{file_id}.partial"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(partial, "wb") as out:
+            while chunk := await field.read_chunk(256 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                digest.update(chunk)
+                out.write(chunk)
+        (uploads / file_id).mkdir()
+        partial.rename(uploads / file_id / name)
+    finally:
+        partial.unlink(missing_ok=True)
+    now = _utcnow()
+    record = {"id": file_id, "name": name, "size": size, "sha256": digest.hexdigest(), "owner_id": principal.id,
+              "uploaded_at": _iso(now), "expires_at": _iso(now + dt.timedelta(days=config.file_ttl_days))}
+    await request.app[STORE].insert_file(record)
+    return _json({"success": True, "fileId": file_id, "filename": name, "size": size, "sha256": record["sha256"],
+                  "uploadedAt": record["uploaded_at"], "url": _upload_url(file_id, name),
+                  "expiresAt": record["expires_at"]}, status=201)
+
+
+async def _next_file_field(reader) -> Any:
+    while (part := await reader.next()) is not None:
+        if part.name == "file":
+            return part
+        await part.release()
+    raise InvalidFile("Form field 'file' is required", code="MISSING_FILE", details={"field": "file"})
+
+
+async def download_file(request: web.Request) -> web.StreamResponse:
+    """The file by id (``/api/files/download/{id}``) or by its upload URL (``/uploads/{id}/{name}``)."""
+    principal = request[PRINCIPAL]
+    if principal is None:
+        raise Unauthorized("Authentication required")
+    file_id = request.match_info["file_id"]
+    store = request.app[STORE]
+    record = await store.get_file(file_id) if FILE_ID_PATTERN.fullmatch(file_id) else None
+    if record is None or request.match_info.get("name", record["name"]) != record["name"]:
+        raise NotFound("File not found")
+    allowed = (await store.worker_holds_file(principal.id, file_id) if principal.kind == "worker"
+               else _file_is_readable_by(principal, record))
+    if not allowed:
+        raise Forbidden("Permission denied")
+    path = request.app[CONFIG].data_path / "uploads" / file_id / record["name"]
+    if not path.is_file():
+        raise NotFound("File not found")
+    content_type = mimetypes.guess_type(record["name"])[0] or "application/octet-stream"
+    quoted = urllib.parse.quote(record["name"])
+    return web.FileResponse(path, headers={
+        "Content-Type": content_type,
+        "Content-Disposition": f"attachment; filename=\"{record['name']}\"; filename*=UTF-8''{quoted}"})
+
+
+# ============================================================================
+# App: typed state, background tasks, the route table
+# ============================================================================
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+TOKENS = web.AppKey("tokens", Tokens)
+BELL = web.AppKey("bell", QueueBell)
+HUB = web.AppKey("hub", EventHub)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+PRINCIPAL = web.RequestKey("principal", object)  # Principal, or None for an anonymous caller
+RATE_HEADERS = web.RequestKey("rate_headers", dict)
+
+
+async def _storage_ctx(app: web.Application):
+    """Open the database and the secrets in the data dir; create the first admin on first start."""
+    config = app[CONFIG]
+    for sub in ("", "uploads"):
+        (config.data_path / sub).mkdir(parents=True, exist_ok=True)
+    for leftover in (config.data_path / "uploads").glob(".*.partial"):
+        leftover.unlink()  # an upload the previous process did not finish
+    if not config.registration_token:
+        token = _read_or_create_secret(config.data_path / "registration_token", lambda: secrets.token_urlsafe(24))
+        app[CONFIG] = config = dataclasses.replace(config, registration_token=token)
+    app[TOKENS] = Tokens(_read_or_create_secret(config.data_path / "jwt_secret", lambda: secrets.token_hex(32)))
+    store = await Store.open(config.data_path / "dispatch.db")
+    app[STORE] = store
+    if await store.count_users() == 0:
+        password = config.admin_password or secrets.token_urlsafe(12)
+        await create_user(store, config.admin_email, password, "admin", config.bcrypt_rounds)
+        app[FIRST_ADMIN] = (config.admin_email, "" if config.admin_password else password)
+    yield
+    await store.close()
+
+
+FIRST_ADMIN = web.AppKey("first_admin", tuple)
+
+
+async def _sweeper_ctx(app: web.Application):
+    """Background clean-up: expired uploads and expired revocations."""
+
+    async def sweep_forever() -> None:
+        while True:
+            try:
+                await _sweep(app)
+            except Exception:
+                log.exception("sweep failed; retrying in %.0f s", SWEEP_INTERVAL)
+            await asyncio.sleep(SWEEP_INTERVAL)
+
+    task = asyncio.ensure_future(sweep_forever())
+    yield
+    task.cancel()
+
+
+async def _sweep(app: web.Application) -> None:
+    store, uploads = app[STORE], app[CONFIG].data_path / "uploads"
+    now = _utcnow()
+    while expired := await store.expired_files(_iso(now)):
+        for record in expired:
+            folder = uploads / record["id"]
+            for path in folder.glob("*"):
+                path.unlink()
+            if folder.exists():
+                folder.rmdir()
+            await store.delete_file(record["id"])
+    await store.purge_revoked_tokens(int(now.timestamp()))
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[BELL].close()  # long-polls answer 204 now
+    await app[HUB].close_all()
+
+
+def create_app(config: Config) -> web.Application:
+    """The dispatch web application, ready for ``web.run_app`` or embedding."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_REQUEST_BODY)
+    app[CONFIG] = config
+    app[BELL] = QueueBell()
+    app[HUB] = EventHub()
+    app[RATE_LIMITER] = RateLimiter()
+    app.cleanup_ctx.extend([_storage_ctx, _sweeper_ctx])
+    app.on_shutdown.append(_on_shutdown)
+    app.on_response_prepare.append(_add_rate_limit_headers)
+    routes = [
+        web.post("/api/auth/login", login),
+        web.post("/api/auth/logout", logout),
+        web.post("/api/auth/refresh", refresh),
+        web.get("/api/users", list_users),
+        web.post("/api/users", add_user),
+        web.delete("/api/users/{user_id}", delete_user),
+        web.post("/api/workers/register", register_worker),
+        web.post("/api/workers/heartbeat", heartbeat),
+        web.get("/api/workers/list", list_workers),
+        web.get("/api/workers/{worker_id}", get_worker),
+        web.delete("/api/workers/{worker_id}", delete_worker),
+        web.post("/api/jobs/submit", submit_job),
+        web.get("/api/jobs/status", job_status),
+        web.get("/api/jobs/list", list_jobs),
+        web.get("/api/jobs/get-job", get_job),
+        web.post("/api/jobs/stream-output", stream_output),
+        web.post("/api/jobs/submit-result", submit_result),
+        web.post("/api/files/upload", upload_file),
+        web.get("/api/files/download/{file_id}", download_file),
+        web.get("/uploads/{file_id}/{name}", download_file),
+    ]
+    app.add_routes(routes)
+    websocket = app.router.add_get("/api/jobs/stream", job_events)
+    if config.cors_origin_list:
+        options = aiohttp_cors.ResourceOptions(allow_credentials=True, expose_headers="*", allow_headers="*")
+        cors = aiohttp_cors.setup(app, defaults={origin: options for origin in config.cors_origin_list})
+        for route in list(app.router.routes()):
+            if route is not websocket:
+                cors.add(route)
+    return app
+
+
+# ============================================================================
+# CLI
+# ============================================================================
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    env_help = "\n".join(f"  {env:<30} {help_} (default: {default!r})"
+                         for _f, _flag, env, _k, default, help_ in SETTINGS)
+    parser = argparse.ArgumentParser(
+        prog="dispatch.py", description="dispatch: a job farm for a LAN. Runs the server.",
+        epilog=f"environment variables (flags win over them):\n{env_help}",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dispatch {__version__}")
+    for field, flag, env, kind, default, help_ in SETTINGS:
+        if flag:
+            parser.add_argument(flag, dest=field, type=kind, help=f"{help_} (env {env}, default {default})")
+    commands = parser.add_subparsers(dest="command", metavar="{user}")
+    user = commands.add_parser("user", help="manage users: user add EMAIL --role admin|user")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    add = user_commands.add_parser("add", help="add a user (password from a prompt or --password-stdin)")
+    add.add_argument("email")
+    add.add_argument("--role", choices=["admin", "user"], default="user")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    return parser
+
+
+def _lan_address() -> str:
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "localhost"
+
+
+async def _add_user_command(config: Config, email: str, role: str, password: str) -> None:
+    config.data_path.mkdir(parents=True, exist_ok=True)
+    store = await Store.open(config.data_path / "dispatch.db")
+    try:
+        await create_user(store, email, password, role, config.bcrypt_rounds)
+    finally:
+        await store.close()
+
+
+def _print_banner(app: web.Application) -> None:
+    config = app[CONFIG]
+    host = _lan_address() if config.host in ("0.0.0.0", "::", "") else config.host
+    url = config.public_url.rstrip("/") or f"http://{host}:{config.port}"
+    lines = [f"dispatch {__version__} listening on http://{config.host}:{config.port} (data in {config.data_path})",
+             f"  web page & API:      {url}/  (API under {url}/api)",
+             f"  registration token:  {config.registration_token}"]
+    if FIRST_ADMIN in app:
+        email, password = app[FIRST_ADMIN]
+        lines.append(f"  first admin:         {email} / " + (password or "(DISPATCH_ADMIN_PASSWORD)"))
+    lines.append(f"  add a desktop:       python agent.py --server {url} --token {config.registration_token}")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _build_parser().parse_args(argv)
+    overrides = {field: getattr(args, field) for field, flag, *_ in SETTINGS if flag}
+    config = Config.from_env(**overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "user":
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = getpass.getpass(f"Password for {args.email}: ")
+        try:
+            asyncio.run(_add_user_command(config, args.email, args.role, password))
+        except DispatchError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+        print(f"added {args.role} {args.email}")
+        return 0
+    app = create_app(config)
+
+    async def banner(app: web.Application) -> None:
+        _print_banner(app)
+
+    app.on_startup.append(banner)
+    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+-- dispatch schema, version 1. Applied at every start; every statement is idempotent.
+-- Timestamps are ISO 8601 UTC text with milliseconds ("2026-01-25T10:30:00.000Z"), so text order is time order.
+
+CREATE TABLE IF NOT EXISTS users (
+    id            TEXT PRIMARY KEY,
+    email         TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    password_hash TEXT NOT NULL,
+    role          TEXT NOT NULL CHECK (role IN ('admin', 'user')),
+    created_at    TEXT NOT NULL
+);
+
+-- Logged-out JWTs, kept until they would have expired anyway.
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    jti        TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS workers (
+    id              TEXT PRIMARY KEY,
+    token_hash      TEXT NOT NULL UNIQUE,
+    hostname        TEXT NOT NULL,
+    cpu_count       INTEGER,
+    total_memory_mb INTEGER,
+    metadata        TEXT NOT NULL DEFAULT '{}',
+    tags            TEXT NOT NULL DEFAULT '[]',
+    reported_status TEXT NOT NULL DEFAULT 'idle',
+    current_job_id  TEXT,
+    jobs_completed  INTEGER NOT NULL DEFAULT 0,
+    registered_at   TEXT NOT NULL,
+    last_heartbeat  TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS files (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    owner_id    TEXT NOT NULL,
+    uploaded_at TEXT NOT NULL,
+    expires_at  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_expires ON files (expires_at);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id                TEXT PRIMARY KEY,
+    seq               INTEGER NOT NULL UNIQUE,  -- submission order, the tie-break of every sort
+    command           TEXT NOT NULL,
+    file_id           TEXT,
+    file_name         TEXT,
+    working_directory TEXT,
+    timeout           INTEGER NOT NULL,
+    priority          TEXT NOT NULL,
+    priority_rank     INTEGER NOT NULL,         -- high 2, normal 1, low 0
+    tags              TEXT NOT NULL DEFAULT '[]',
+    status            TEXT NOT NULL,
+    submitted_by      TEXT NOT NULL,
+    worker_id         TEXT,
+    attempt           INTEGER NOT NULL DEFAULT 0,
+    progress          INTEGER,
+    exit_code         INTEGER,
+    error             TEXT,
+    created_at        TEXT NOT NULL,
+    started_at        TEXT,
+    completed_at      TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority_rank DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker_id, status);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, seq);
+
+-- Output is appended chunk by chunk, so a long log costs O(total size), never a rewrite per chunk.
+CREATE TABLE IF NOT EXISTS job_output (
+    job_id TEXT NOT NULL,
+    stream TEXT NOT NULL CHECK (stream IN ('stdout', 'stderr')),
+    chunk  INTEGER PRIMARY KEY AUTOINCREMENT,
+    data   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_output_job ON job_output (job_id, stream, chunk);
+
+PRAGMA user_version = 1;
