@@ -1,0 +1,196 @@
+"""Shared fixtures: a real dispatch app on a real SQLite file in a temp dir, and a small API helper."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import dispatch  # noqa: E402
+
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "admin-password"
+REGISTRATION_TOKEN = "registration-token-for-tests"
+
+
+def make_zip(files: dict[str, str | bytes]) -> bytes:
+    """A zip archive in memory from {name: content}."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def config(tmp_path) -> dispatch.Config:
+    """Limits off and cheap bcrypt, so tests measure behaviour, not waiting; tests that check a
+    limit set it with ``dataclasses.replace``."""
+    return dispatch.Config(data_dir=str(tmp_path / "data"), admin_email=ADMIN_EMAIL, admin_password=ADMIN_PASSWORD,
+                           registration_token=REGISTRATION_TOKEN, rate_limit=0, worker_rate_limit=0,
+                           bcrypt_rounds=4)
+
+
+class Api:
+    """Calls the API the way a client would, with helpers for the common set-up steps."""
+
+    def __init__(self, client):
+        self.client = client
+        self._admin_token: str | None = None
+
+    async def call(self, method: str, path: str, *, token: str | None = None, worker: str | None = None,
+                   json=None, data=None, headers: dict | None = None, params=None) -> aiohttp.ClientResponse:
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if worker is not None:
+            headers["x-worker-token"] = worker
+        return await self.client.request(method, path, json=json, data=data, headers=headers, params=params)
+
+    async def login(self, email: str, password: str) -> str:
+        response = await self.call("POST", "/api/auth/login", json={"email": email, "password": password})
+        assert response.status == 200, await response.text()
+        return (await response.json())["token"]
+
+    async def admin(self) -> str:
+        if self._admin_token is None:
+            self._admin_token = await self.login(ADMIN_EMAIL, ADMIN_PASSWORD)
+        return self._admin_token
+
+    async def new_user(self, email: str = "user@example.com", role: str = "user") -> tuple[str, str]:
+        """Create a user through the admin API; returns (token, user id)."""
+        response = await self.call("POST", "/api/users", token=await self.admin(),
+                                   json={"email": email, "password": "user-password", "role": role})
+        assert response.status == 201, await response.text()
+        user_id = (await response.json())["user"]["id"]
+        return await self.login(email, "user-password"), user_id
+
+    async def register(self, worker_id: str = "worker-001", tags: list[str] | None = None, **fields) -> str:
+        body = {"workerId": worker_id, "hostname": "desktop-pc", "cpuCount": 8, "totalMemoryMb": 16384,
+                "metadata": {"osType": "Linux", "tags": tags or []}, **fields}
+        response = await self.call("POST", "/api/workers/register", token=REGISTRATION_TOKEN, json=body)
+        assert response.status == 201, await response.text()
+        return (await response.json())["token"]
+
+    async def upload(self, token: str, content: bytes, name: str = "project.zip") -> dict:
+        form = aiohttp.FormData()
+        form.add_field("file", content, filename=name, content_type="application/zip")
+        response = await self.call("POST", "/api/files/upload", token=token, data=form)
+        assert response.status == 201, await response.text()
+        return await response.json()
+
+    async def submit(self, token: str, command: str = "echo hi", **fields) -> str:
+        response = await self.call("POST", "/api/jobs/submit", token=token, json={"command": command, **fields})
+        assert response.status == 201, await response.text()
+        return (await response.json())["jobId"]
+
+    async def claim(self, worker_token: str, wait: float | None = None) -> dict | None:
+        params = {"wait": str(wait)} if wait is not None else None
+        response = await self.call("GET", "/api/jobs/get-job", worker=worker_token, params=params)
+        if response.status == 204:
+            return None
+        assert response.status == 200, await response.text()
+        return (await response.json())["job"]
+
+    async def status(self, token: str, job_id: str) -> dict:
+        response = await self.call("GET", "/api/jobs/status", token=token, params={"jobId": job_id})
+        assert response.status == 200, await response.text()
+        return (await response.json())["job"]
+
+
+@pytest.fixture
+async def client(aiohttp_client, config):
+    return await aiohttp_client(dispatch.create_app(config))
+
+
+@pytest.fixture
+def make_client(aiohttp_client, config):
+    """A client for an app with some settings changed: ``await make_client(rate_limit=5)``."""
+
+    async def make(**changes):
+        return await aiohttp_client(dispatch.create_app(dataclasses.replace(config, **changes)))
+
+    return make
+
+
+@pytest.fixture
+def api(client) -> Api:
+    return Api(client)
+
+
+class ServerProcess:
+    """A real ``python dispatch.py`` on a loopback port, its banner captured to a file."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str]):
+        self.data_dir = data_dir
+        self.env = env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = data_dir.parent / f"dispatch-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        offset = len(self.log())
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "dispatch.py"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--data-dir", str(self.data_dir)], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        log.close()
+        deadline = time.monotonic() + 15
+        while "add a desktop" not in self.log()[offset:]:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dispatch.py did not start:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """kill -9: no shutdown handlers, no flush."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+    env.update(DISPATCH_ADMIN_EMAIL=ADMIN_EMAIL, DISPATCH_ADMIN_PASSWORD=ADMIN_PASSWORD,
+               DISPATCH_REGISTRATION_TOKEN=REGISTRATION_TOKEN, DISPATCH_RATE_LIMIT="0",
+               DISPATCH_BCRYPT_ROUNDS="4", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture
+def dispatch_server(tmp_path, server_env):
+    """A running ``python dispatch.py`` process; stopped after the test."""
+    server = ServerProcess(tmp_path / "data", server_env).start()
+    yield server
+    server.stop()

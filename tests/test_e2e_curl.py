@@ -1,0 +1,109 @@
+"""End to end: a real ``python dispatch.py`` process, driven by the README's own curl blocks."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, ServerProcess, make_zip
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+
+
+def readme_bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def http(server: ServerProcess, method: str, path: str, *, token: str | None = None, body: dict | None = None):
+    request = urllib.request.Request(server.url + path, method=method,
+                                     data=json.dumps(body).encode() if body is not None else None)
+    request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, json.loads(response.read() or b"null")
+
+
+def login(server: ServerProcess, email: str = ADMIN_EMAIL, password: str = ADMIN_PASSWORD) -> str:
+    return http(server, "POST", "/api/auth/login", body={"email": email, "password": password})[1]["token"]
+
+
+def test_readme_curl_workflows_run_against_a_real_server(dispatch_server, tmp_path):
+    setup, client, worker = readme_bash_blocks()
+    script = "\n".join([setup, client, worker])
+    script = script.replace("http://localhost:3000", dispatch_server.url)
+    script = re.sub(r"EMAIL=\S+ PASSWORD='[^']*'", f"EMAIL={ADMIN_EMAIL} PASSWORD='{ADMIN_PASSWORD}'", script)
+    script = re.sub(r"REGISTRATION_TOKEN='[^']*'", f"REGISTRATION_TOKEN='{REGISTRATION_TOKEN}'", script)
+    (tmp_path / "project.zip").write_bytes(make_zip({"project/README": "hello\n"}))
+
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script + '\necho "JOB_ID=$JOB_ID"'],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    job_id = re.search(r"JOB_ID=(job-\w+)", run.stdout).group(1)
+    # curl prints answers without newlines: the first is step 4 of the client block, before any worker ran
+    first_answer, _ = json.JSONDecoder().raw_decode(run.stdout)
+    assert first_answer["job"]["status"] == "queued"
+    assert first_answer["job"]["fileUrl"].endswith("/project.zip")
+    _, answer = http(dispatch_server, "GET", f"/api/jobs/status?jobId={job_id}", token=login(dispatch_server))
+    job = answer["job"]
+    assert (job["status"], job["exitCode"], job["workerId"]) == ("completed", 0, "worker-001")
+    assert job["stdout"] == "test line\ntests passed"
+    assert job["command"] == "ls -R"
+
+
+def test_first_start_prints_token_admin_and_agent_command(tmp_path, server_env):
+    del server_env["DISPATCH_ADMIN_EMAIL"], server_env["DISPATCH_ADMIN_PASSWORD"]
+    del server_env["DISPATCH_REGISTRATION_TOKEN"]
+    server = ServerProcess(tmp_path / "data", server_env).start()
+    try:
+        banner = server.log()
+        password = re.search(r"first admin:\s+admin@localhost / (\S+)", banner).group(1)
+        token = re.search(r"registration token:\s+(\S+)", banner).group(1)
+        assert f"python agent.py --server http://127.0.0.1:{server.port} --token {token}" in banner
+        assert login(server, "admin@localhost", password)
+        assert (tmp_path / "data" / "registration_token").read_text() == token
+        assert (tmp_path / "data" / "registration_token").stat().st_mode & 0o777 == 0o600
+    finally:
+        server.stop()
+    server.start()  # second start: same token, no new admin, no password printed again
+    try:
+        second_banner = server.log()[len(banner):]
+        assert f"registration token:  {token}" in second_banner
+        assert "first admin" not in second_banner
+    finally:
+        server.stop()
+
+
+def test_acknowledged_jobs_survive_kill_9(dispatch_server):
+    token = login(dispatch_server)
+    job_ids = [http(dispatch_server, "POST", "/api/jobs/submit", token=token, body={"command": f"echo {i}"})[1]["jobId"]
+               for i in range(20)]
+
+    dispatch_server.kill()
+    dispatch_server.start()
+
+    _, listing = http(dispatch_server, "GET", "/api/jobs/list?limit=1000", token=token)
+    assert sorted(job["jobId"] for job in listing["jobs"]) == sorted(job_ids)
+
+
+def test_user_add_command_creates_a_user_who_can_log_in(dispatch_server):
+    add = subprocess.run([sys.executable, str(ROOT / "dispatch.py"), "--data-dir", str(dispatch_server.data_dir),
+                          "user", "add", "alice@example.com", "--role", "user", "--password-stdin"],
+                         input="alice-password\n", capture_output=True, text=True, timeout=30,
+                         env=dispatch_server.env)
+    assert add.returncode == 0, add.stderr
+    token = login(dispatch_server, "alice@example.com", "alice-password")
+    status, _ = http(dispatch_server, "GET", "/api/jobs/list", token=token)
+    assert status == 200
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        http(dispatch_server, "GET", "/api/users", token=token)
+    assert refused.value.code == 403
+    refused.value.close()
