@@ -72,6 +72,8 @@ MAX_JOB_TIMEOUT = 7 * 24 * 3600
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_TAGS = 32
 MAX_TAG_LENGTH = 64
+MAX_ATTEMPTS_LIMIT = 10
+MAX_RETRIES = 10
 MAX_REQUEST_BODY = 32 * 1024 * 1024  # JSON bodies: output chunks and results
 WS_QUEUE_LIMIT = 1000  # events a WebSocket client may fall behind before it is dropped
 SWEEP_INTERVAL = 60.0
@@ -476,10 +478,10 @@ class Store:
     async def insert_job(self, job: dict) -> dict:
         return await self._one(
             "INSERT INTO jobs (id, seq, command, file_id, file_name, working_directory, timeout, priority,"
-            " priority_rank, tags, status, submitted_by, created_at)"
+            " priority_rank, tags, max_attempts, retries, status, submitted_by, created_at)"
             " VALUES (:id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), :command, :file_id, :file_name,"
-            " :working_directory, :timeout, :priority, :priority_rank, :tags, 'queued', :submitted_by, :created_at)"
-            " RETURNING *", job)
+            " :working_directory, :timeout, :priority, :priority_rank, :tags, :max_attempts, :retries, 'queued',"
+            " :submitted_by, :created_at) RETURNING *", job)
 
     async def queue_estimate(self, job_id: str, cutoff: str) -> dict:
         """Jobs queued ahead of ``job_id``, recent mean run time, and online workers, in one query."""
@@ -508,10 +510,11 @@ class Store:
         return total, rows
 
     async def claim_next_job(self, worker_id: str, worker_tags: str, now: str) -> dict | None:
-        """Hand the best queued job whose tags the worker has to this worker. One UPDATE, so two
-        workers polling at once can never both get it."""
+        """Hand the best queued job whose tags the worker has to this worker, as a new attempt.
+        One UPDATE, so two workers polling at once can never both get it."""
         return await self._one(
-            """UPDATE jobs SET status = 'running', worker_id = :worker, attempt = attempt + 1, started_at = :now
+            """UPDATE jobs SET status = 'running', worker_id = :worker, attempt = attempt + 1, started_at = :now,
+                              stdout_bytes = 0, stderr_bytes = 0
                WHERE id = (SELECT j.id FROM jobs j WHERE j.status = 'queued'
                              AND NOT EXISTS (SELECT 1 FROM json_each(j.tags) t
                                              WHERE t.value NOT IN (SELECT value FROM json_each(:tags)))
@@ -519,36 +522,95 @@ class Store:
                RETURNING *""",
             {"worker": worker_id, "tags": worker_tags, "now": now})
 
-    async def append_output(self, job_id: str, worker_id: str, attempt: int, stream: str, data: str) -> bool:
-        """Append a chunk if the worker holds that attempt of the running job; False otherwise."""
-        return await self._write(
-            "INSERT INTO job_output (job_id, stream, data) SELECT ?, ?, ? WHERE EXISTS"
-            " (SELECT 1 FROM jobs WHERE id = ? AND status = 'running' AND worker_id = ? AND attempt = ?)",
-            (job_id, stream, data, job_id, worker_id, attempt)) > 0
+    async def append_output(self, job_id: str, worker_id: str, attempt: int, stream: str, data: str,
+                            cap: int) -> bool:
+        """Append a chunk if the worker holds that attempt of the running job (False otherwise).
+        A stream keeps its first cap/2 characters and its last cap/2; the middle is only counted."""
+        counter = {"stdout": "stdout_bytes", "stderr": "stderr_bytes"}[stream]
+        row = await self._one(
+            f"UPDATE jobs SET {counter} = {counter} + ? WHERE id = ? AND status = 'running'"
+            f" AND worker_id = ? AND attempt = ? RETURNING {counter} AS total",
+            (len(data), job_id, worker_id, attempt))
+        if row is None:
+            return False
+        half = cap // 2
+        head_room = max(0, half - (row["total"] - len(data)))
+        insert = "INSERT INTO job_output (job_id, attempt, stream, part, data) VALUES (?, ?, ?, ?, ?)"
+        if head_room:
+            await self._write(insert, (job_id, attempt, stream, "head", data[:head_room]))
+        if tail := data[head_room:][-half:]:
+            await self._write(insert, (job_id, attempt, stream, "tail", tail))
+            if row["total"] > cap:
+                await self._write(
+                    """DELETE FROM job_output WHERE chunk IN (
+                         SELECT chunk FROM (SELECT chunk, SUM(length(data)) OVER (ORDER BY chunk DESC) AS kept
+                                            FROM job_output WHERE job_id = ? AND attempt = ? AND stream = ?
+                                              AND part = 'tail')
+                         WHERE kept > ?)""", (job_id, attempt, stream, half))
+        return True
+
+    async def output_parts(self, job_id: str, attempt: int) -> dict[tuple[str, str], str]:
+        """The kept output of one attempt: {(stream, "head"|"tail"): text}."""
+        parts: dict[tuple[str, str], list[str]] = {}
+        async with self._conn.execute(
+                "SELECT stream, part, data FROM job_output WHERE job_id = ? AND attempt = ? ORDER BY chunk",
+                (job_id, attempt)) as cur:
+            async for stream, part, data in cur:
+                parts.setdefault((stream, part), []).append(data)
+        return {key: "".join(chunks) for key, chunks in parts.items()}
 
     async def set_progress(self, job_id: str, progress: int) -> None:
         await self._write("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'running'", (progress, job_id))
+
+    _HOLDER = "id = :id AND status = 'running' AND worker_id = :worker AND attempt = :attempt"
 
     async def finish_job(self, job_id: str, worker_id: str, attempt: int, *, status: str,
                          exit_code: int | None, error: str | None, now: str) -> dict | None:
         """Record the end of the attempt the worker holds; None if it does not hold it (anymore)."""
         return await self._one(
-            "UPDATE jobs SET status = ?, exit_code = ?, error = ?, completed_at = ?"
-            " WHERE id = ? AND status = 'running' AND worker_id = ? AND attempt = ? RETURNING *",
-            (status, exit_code, error, now, job_id, worker_id, attempt))
+            f"UPDATE jobs SET status = :status, exit_code = :exit_code, error = :error, completed_at = :now"
+            f" WHERE {self._HOLDER} RETURNING *",
+            {"status": status, "exit_code": exit_code, "error": error, "now": now,
+             "id": job_id, "worker": worker_id, "attempt": attempt})
 
-    async def requeue_worker_jobs(self, worker_id: str) -> int:
-        return await self._write(
-            "UPDATE jobs SET status = 'queued', worker_id = NULL, started_at = NULL, progress = NULL"
-            " WHERE worker_id = ? AND status = 'running'", (worker_id,))
+    async def requeue_for_retry(self, job_id: str, worker_id: str, attempt: int, *, exit_code: int,
+                                error: str) -> dict | None:
+        """Put a failed attempt's job back in the queue, spending one of its retries."""
+        return await self._one(
+            f"UPDATE jobs SET status = 'queued', worker_id = NULL, started_at = NULL, progress = NULL,"
+            f" retried = retried + 1, exit_code = :exit_code, error = :error WHERE {self._HOLDER} RETURNING *",
+            {"exit_code": exit_code, "error": error, "id": job_id, "worker": worker_id, "attempt": attempt})
 
-    async def job_output(self, job_id: str) -> dict[str, str]:
-        chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        async with self._conn.execute("SELECT stream, data FROM job_output WHERE job_id = ? ORDER BY chunk",
-                                      (job_id,)) as cur:
-            async for stream, data in cur:
-                chunks[stream].append(data)
-        return {stream: "".join(parts) for stream, parts in chunks.items()}
+    async def cancel_job(self, job_id: str, reason: str, now: str) -> dict | None:
+        """Cancel a queued or running job; None if it has already finished."""
+        return await self._one(
+            "UPDATE jobs SET status = 'cancelled', error = ?, completed_at = ?"
+            " WHERE id = ? AND status IN ('queued', 'running') RETURNING *", (reason, now, job_id))
+
+    async def requeue_lost_jobs(self, cutoff: str, now: str) -> list[dict]:
+        """Running jobs whose worker is offline or gone: back to the queue, or failed once
+        lost workers have cost them ``max_attempts`` attempts."""
+        return await self._all(
+            """UPDATE jobs SET
+                 status = CASE WHEN attempt - retried < max_attempts THEN 'queued' ELSE 'failed' END,
+                 error = CASE WHEN attempt - retried < max_attempts
+                              THEN 'worker ' || worker_id || ' lost; requeued' ELSE 'worker lost' END,
+                 completed_at = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE :now END,
+                 worker_id = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE worker_id END,
+                 started_at = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE started_at END,
+                 progress = NULL
+               WHERE status = 'running'
+                 AND worker_id NOT IN (SELECT id FROM workers WHERE last_heartbeat >= :cutoff)
+               RETURNING *""", {"cutoff": cutoff, "now": now})
+
+    async def fail_overdue_jobs(self, grace: float, now: str) -> list[dict]:
+        """Running jobs past their timeout plus ``grace`` seconds fail, whatever their worker does."""
+        return await self._all(
+            """UPDATE jobs SET status = 'failed', completed_at = :now,
+                 error = 'timed out after ' || timeout || ' s (no result from the worker)'
+               WHERE status = 'running'
+                 AND (julianday(:now) - julianday(started_at)) * 86400 > timeout + :grace
+               RETURNING *""", {"grace": grace, "now": now})
 
 
 # ============================================================================
@@ -709,8 +771,16 @@ def _file_is_readable_by(principal: Principal, record: dict) -> bool:
     return principal.kind == "user" and (principal.is_admin or record["owner_id"] == principal.id)
 
 
-def job_status_from_exit(exit_code: int) -> JobState:
-    return JobState.COMPLETED if exit_code == 0 else JobState.FAILED
+def joined_output(job: dict, parts: dict[tuple[str, str], str]) -> dict[str, str]:
+    """Each stream of the job's current attempt as one text; where output past the cap was
+    dropped, a visible marker stands between the head and the tail."""
+    output = {}
+    for stream in ("stdout", "stderr"):
+        head, tail = parts.get((stream, "head"), ""), parts.get((stream, "tail"), "")
+        dropped = job[f"{stream}_bytes"] - len(head) - len(tail)
+        marker = f"\n[... dispatch dropped {dropped} characters of {stream} here (output cap) ...]\n"
+        output[stream] = head + (marker if dropped > 0 else "") + tail
+    return output
 
 
 class QueueBell:
@@ -742,6 +812,19 @@ class QueueBell:
     def close(self) -> None:
         self.closed = True
         self.ring()
+
+
+# The WebSocket event type that announces each job state.
+STATE_EVENTS = {"queued": "job.queued", "running": "job.started", "completed": "job.completed",
+                "failed": "job.completed", "cancelled": "job.cancelled"}
+
+
+def job_event(job: dict) -> dict:
+    """The event that tells a job's new state (one shape for all of them)."""
+    return {"type": STATE_EVENTS[job["status"]], "jobId": job["id"], "status": job["status"],
+            "command": job["command"], "workerId": job["worker_id"], "attempt": job["attempt"],
+            "exitCode": job["exit_code"], "error": job["error"], "createdAt": job["created_at"],
+            "startedAt": job["started_at"], "completedAt": job["completed_at"]}
 
 
 class EventHub:
@@ -777,6 +860,29 @@ class EventHub:
         for ws in list(self._clients):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
         self._clients.clear()
+
+
+async def sweep_jobs(app: web.Application) -> None:
+    """Requeue (or fail) the jobs of offline or deleted workers; fail jobs far past their timeout."""
+    store, config = app[STORE], app[CONFIG]
+    now = _iso(_utcnow())
+    lost = await store.requeue_lost_jobs(_heartbeat_cutoff(config), now)
+    overdue = await store.fail_overdue_jobs(server_timeout_grace(config), now)
+    for job in lost + overdue:
+        log.warning("job %s %s: %s", job["id"], job["status"], job["error"])
+        app[HUB].publish(job_event(job))
+    if any(job["status"] == JobState.QUEUED for job in lost):
+        app[BELL].ring()
+
+
+def server_timeout_grace(config: Config) -> float:
+    """How long past its timeout a running job may go before the server fails it: enough for the
+    agent to kill the job and report, plus the time it takes to notice a dead worker."""
+    return 3 * config.heartbeat_interval + 5
+
+
+def _heartbeat_cutoff(config: Config) -> str:
+    return _iso(_utcnow() - dt.timedelta(seconds=3 * config.heartbeat_interval))
 
 
 # ============================================================================
@@ -965,10 +1071,6 @@ def _query_int(query, name: str, default: int, minimum: int, maximum: int) -> in
     return value
 
 
-def _heartbeat_cutoff(config: Config) -> str:
-    return _iso(_utcnow() - dt.timedelta(seconds=3 * config.heartbeat_interval))
-
-
 # -- auth and users -------------------------------------------------------------
 
 
@@ -1015,6 +1117,12 @@ async def refresh(request: web.Request) -> web.Response:
         raise Unauthorized("Token revoked", code="TOKEN_REVOKED")
     await store.revoke_token(claims["jti"], claims["exp"] + int(REFRESH_GRACE.total_seconds()))
     return _token_response(request, user, {})
+
+
+async def whoami(request: web.Request) -> web.Response:
+    principal = _user(request)
+    return _json({"success": True, "user": {"id": principal.id, "email": principal.email, "role": principal.role},
+                  "expiresAt": _iso(dt.datetime.fromtimestamp(principal.exp, dt.timezone.utc))})
 
 
 def _user_json(user: dict) -> dict:
@@ -1136,9 +1244,8 @@ async def delete_worker(request: web.Request) -> web.Response:
     store = request.app[STORE]
     if not await store.delete_worker(worker_id):
         raise NotFound("Worker not found")
-    if await store.requeue_worker_jobs(worker_id):
-        request.app[BELL].ring()
     log.info("worker %s unregistered", worker_id)
+    await sweep_jobs(request.app)  # its running jobs go back to the queue now
     return _json({"success": True, "message": "Worker unregistered"})
 
 
@@ -1173,10 +1280,11 @@ async def submit_job(request: web.Request) -> web.Response:
         "working_directory": _validate_working_directory(body.get("workingDirectory")),
         "timeout": _validate_timeout(body.get("timeout")), "priority": priority,
         "priority_rank": PRIORITY_RANK[priority], "tags": json.dumps(_validate_tags(body.get("tags"))),
+        "max_attempts": _optional_int(body, "maxAttempts", minimum=1, maximum=MAX_ATTEMPTS_LIMIT) or 3,
+        "retries": _optional_int(body, "retries", minimum=0, maximum=MAX_RETRIES) or 0,
         "submitted_by": principal.id, "created_at": _iso(_utcnow())})
     request.app[BELL].ring()
-    request.app[HUB].publish({"type": "job.queued", "jobId": job["id"], "command": command,
-                              "priority": priority, "createdAt": job["created_at"]})
+    request.app[HUB].publish(job_event(job))
     estimate = await store.queue_estimate(job["id"], _heartbeat_cutoff(request.app[CONFIG]))
     return _json({"success": True, "jobId": job["id"], "status": JobState.QUEUED.value,
                   "createdAt": job["created_at"], "estimatedWaitTime": _estimated_wait(estimate)}, status=201)
@@ -1208,7 +1316,7 @@ async def job_status(request: web.Request) -> web.Response:
     row = await store.get_job(job_id)
     if row is None:
         raise NotFound("Job not found")
-    output = await store.job_output(job_id)
+    output = joined_output(row, await store.output_parts(job_id, row["attempt"]))
     job = {**_job_summary(row), **output, "progress": row["progress"], "timeout": row["timeout"],
            "workingDirectory": row["working_directory"], "attempts": row["attempt"],
            "fileUrl": _upload_url(row["file_id"], row["file_name"]) if row["file_id"] else None}
@@ -1244,8 +1352,7 @@ async def get_job(request: web.Request) -> web.Response:
             app[BELL].forget(ring)
     if job is None:
         return web.Response(status=204)
-    app[HUB].publish({"type": "job.started", "jobId": job["id"], "workerId": worker.id,
-                      "attempt": job["attempt"], "startedAt": job["started_at"]})
+    app[HUB].publish(job_event(job))
     log.info("job %s started on %s (attempt %d)", job["id"], worker.id, job["attempt"])
     base = app[CONFIG].public_url.rstrip("/") or f"{request.scheme}://{request.host}"
     file_url = base + _upload_url(job["file_id"], job["file_name"]) if job["file_id"] else None
@@ -1301,7 +1408,8 @@ async def stream_output(request: web.Request) -> web.Response:
     progress = _optional_int(body, "progress", minimum=0, maximum=100)
     job, attempt = await _held_job(request, worker, body)
     store = request.app[STORE]
-    if body["data"] and not await store.append_output(job["id"], worker.id, attempt, stream, body["data"]):
+    cap = request.app[CONFIG].max_output_mb * 1024 * 1024
+    if body["data"] and not await store.append_output(job["id"], worker.id, attempt, stream, body["data"], cap):
         raise Conflict("This worker does not hold the job", code="NOT_JOB_HOLDER")
     if progress is not None:
         await store.set_progress(job["id"], progress)
@@ -1324,25 +1432,50 @@ async def submit_result(request: web.Request) -> web.Response:
     if error is not None and not isinstance(error, str):
         raise _invalid_field("error", "error must be a string")
     job, attempt = await _held_job(request, worker, body)
-    store = request.app[STORE]
+    app = request.app
+    store, hub = app[STORE], app[HUB]
+    cap = app[CONFIG].max_output_mb * 1024 * 1024
     for stream, data in (("stdout", stdout), ("stderr", stderr)):
         if data:
-            await store.append_output(job["id"], worker.id, attempt, stream, data)
-    state = job_status_from_exit(exit_code)
-    if state is JobState.FAILED:
-        error = error or f"exited with code {exit_code}"
-    finished = await store.finish_job(job["id"], worker.id, attempt, status=state.value, exit_code=exit_code,
-                                      error=error if state is JobState.FAILED else None, now=_iso(_utcnow()))
+            await store.append_output(job["id"], worker.id, attempt, stream, data, cap)
+            hub.publish({"type": "job.output", "jobId": job["id"], "stream": stream, "data": data})
+    if exit_code == 0:
+        finished = await store.finish_job(job["id"], worker.id, attempt, status=JobState.COMPLETED.value,
+                                          exit_code=0, error=None, now=_iso(_utcnow()))
+    elif job["retried"] < job["retries"]:
+        reason = f"attempt {attempt} exited with code {exit_code}; retrying"
+        finished = await store.requeue_for_retry(job["id"], worker.id, attempt, exit_code=exit_code, error=reason)
+    else:
+        finished = await store.finish_job(job["id"], worker.id, attempt, status=JobState.FAILED.value,
+                                          exit_code=exit_code, error=error or f"exited with code {exit_code}",
+                                          now=_iso(_utcnow()))
     if finished is None:
         raise Conflict("This worker does not hold the job", code="NOT_JOB_HOLDER")
-    hub = request.app[HUB]
-    for stream, data in (("stdout", stdout), ("stderr", stderr)):
-        if data:
-            hub.publish({"type": "job.output", "jobId": job["id"], "stream": stream, "data": data})
-    hub.publish({"type": "job.completed", "jobId": job["id"], "status": finished["status"],
-                 "exitCode": exit_code, "error": finished["error"], "completedAt": finished["completed_at"]})
+    hub.publish(job_event(finished))
+    if finished["status"] == JobState.QUEUED:
+        app[BELL].ring()
     log.info("job %s %s on %s (exit %d)", job["id"], finished["status"], worker.id, exit_code)
     return _json({"success": True, "message": "Result saved", "jobId": job["id"]})
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel a queued or running job (its submitter or an admin). A running job's worker learns
+    it at its next output call (a 409) and kills the job's process tree."""
+    principal = _user(request)
+    body = await _json_body(request)
+    job_id = _require_string(body, "jobId", max_length=128)
+    store = request.app[STORE]
+    job = await store.get_job(job_id)
+    if job is None:
+        raise NotFound("Job not found")
+    if job["submitted_by"] != principal.id and not principal.is_admin:
+        raise Forbidden("Only the submitter or an admin may cancel a job")
+    cancelled = await store.cancel_job(job_id, f"cancelled by {principal.email}", _iso(_utcnow()))
+    if cancelled is None:
+        raise Conflict(f"Job already {job['status']}", code="JOB_FINISHED")
+    request.app[HUB].publish(job_event(cancelled))
+    log.info("job %s cancelled by %s", job_id, principal.email)
+    return _json({"success": True, "jobId": job_id, "status": JobState.CANCELLED.value})
 
 
 async def job_events(request: web.Request) -> web.WebSocketResponse:
@@ -1483,22 +1616,28 @@ FIRST_ADMIN = web.AppKey("first_admin", tuple)
 
 
 async def _sweeper_ctx(app: web.Application):
-    """Background clean-up: expired uploads and expired revocations."""
+    """Background clean-up: lost and overdue jobs often (a dead worker's jobs must move on within
+    seconds of it being declared offline); expired uploads and revocations every minute."""
+    job_period = min(1.0, app[CONFIG].heartbeat_interval / 2)
 
     async def sweep_forever() -> None:
+        next_storage_sweep = 0.0
         while True:
             try:
-                await _sweep(app)
+                await sweep_jobs(app)
+                if time.monotonic() >= next_storage_sweep:
+                    await _sweep_storage(app)
+                    next_storage_sweep = time.monotonic() + SWEEP_INTERVAL
             except Exception:
-                log.exception("sweep failed; retrying in %.0f s", SWEEP_INTERVAL)
-            await asyncio.sleep(SWEEP_INTERVAL)
+                log.exception("sweep failed; trying again")
+            await asyncio.sleep(job_period)
 
     task = asyncio.ensure_future(sweep_forever())
     yield
     task.cancel()
 
 
-async def _sweep(app: web.Application) -> None:
+async def _sweep_storage(app: web.Application) -> None:
     store, uploads = app[STORE], app[CONFIG].data_path / "uploads"
     now = _utcnow()
     while expired := await store.expired_files(_iso(now)):
@@ -1531,6 +1670,7 @@ def create_app(config: Config) -> web.Application:
         web.post("/api/auth/login", login),
         web.post("/api/auth/logout", logout),
         web.post("/api/auth/refresh", refresh),
+        web.get("/api/auth/me", whoami),
         web.get("/api/users", list_users),
         web.post("/api/users", add_user),
         web.delete("/api/users/{user_id}", delete_user),
@@ -1545,6 +1685,7 @@ def create_app(config: Config) -> web.Application:
         web.get("/api/jobs/get-job", get_job),
         web.post("/api/jobs/stream-output", stream_output),
         web.post("/api/jobs/submit-result", submit_result),
+        web.post("/api/jobs/cancel", cancel_job),
         web.post("/api/files/upload", upload_file),
         web.get("/api/files/download/{file_id}", download_file),
         web.get("/uploads/{file_id}/{name}", download_file),

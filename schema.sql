@@ -55,7 +55,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     status            TEXT NOT NULL,
     submitted_by      TEXT NOT NULL,
     worker_id         TEXT,
-    attempt           INTEGER NOT NULL DEFAULT 0,
+    attempt           INTEGER NOT NULL DEFAULT 0,  -- hand-outs so far; the current one holds the job
+    max_attempts      INTEGER NOT NULL DEFAULT 3,  -- hand-outs a lost worker may cost before the job fails
+    retries           INTEGER NOT NULL DEFAULT 0,  -- re-runs allowed after a non-zero exit
+    retried           INTEGER NOT NULL DEFAULT 0,
+    stdout_bytes      INTEGER NOT NULL DEFAULT 0,  -- output received in the current attempt,
+    stderr_bytes      INTEGER NOT NULL DEFAULT 0,  -- kept or not (see job_output.part)
     progress          INTEGER,
     exit_code         INTEGER,
     error             TEXT,
@@ -68,12 +73,15 @@ CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker_id, status);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, seq);
 
 -- Output is appended chunk by chunk, so a long log costs O(total size), never a rewrite per chunk.
+-- Past the cap a stream keeps its head and a sliding tail; what fell between is counted, not kept.
 CREATE TABLE IF NOT EXISTS job_output (
-    job_id TEXT NOT NULL,
-    stream TEXT NOT NULL CHECK (stream IN ('stdout', 'stderr')),
-    chunk  INTEGER PRIMARY KEY AUTOINCREMENT,
-    data   TEXT NOT NULL
+    chunk   INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id  TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    stream  TEXT NOT NULL CHECK (stream IN ('stdout', 'stderr')),
+    part    TEXT NOT NULL CHECK (part IN ('head', 'tail')),
+    data    TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS job_output_job ON job_output (job_id, stream, chunk);
+CREATE INDEX IF NOT EXISTS job_output_job ON job_output (job_id, attempt, stream, part, chunk);
 
 PRAGMA user_version = 1;

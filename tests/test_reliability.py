@@ -1,0 +1,181 @@
+"""Never lose a job: attempts and fencing, lost workers, server-side timeouts, cancellation,
+retries and the output cap."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+
+import dispatch
+from conftest import Api
+
+
+async def heartbeat(api: Api, worker_token: str) -> None:
+    response = await api.call("POST", "/api/workers/heartbeat", worker=worker_token, json={"status": "idle"})
+    assert response.status == 200
+
+
+async def result(api: Api, worker_token: str, job: dict, exit_code: int = 0, **fields) -> int:
+    response = await api.call("POST", "/api/jobs/submit-result", worker=worker_token,
+                              json={"jobId": job["jobId"], "attempt": job["attempt"], "exitCode": exit_code,
+                                    **fields})
+    return response.status
+
+
+async def wait_for_status(api: Api, token: str, job_id: str, wanted: str, within: float = 5.0) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        job = await api.status(token, job_id)
+        if job["status"] == wanted or time.monotonic() > deadline:
+            return job
+        await asyncio.sleep(0.05)
+
+
+async def test_lost_worker_job_is_requeued_and_the_zombie_cannot_touch_it(make_client):
+    api = Api(await make_client(heartbeat_interval=0.2))
+    token = await api.admin()
+    job_id = await api.submit(token, "make test")
+    frozen = await api.register("frozen")
+    first = await api.claim(frozen)
+    alive = await api.register("alive")
+
+    await heartbeat(api, alive)  # "frozen" stops heartbeating: offline after 0.6 s
+    requeued = await wait_for_status(api, token, job_id, "queued")
+    assert requeued["error"] == "worker frozen lost; requeued"
+    second = await api.claim(alive)
+
+    assert (second["jobId"], first["attempt"], second["attempt"]) == (job_id, 1, 2)
+    stale_output = await api.call("POST", "/api/jobs/stream-output", worker=frozen,
+                                  json={"jobId": job_id, "attempt": 1, "data": "late\n", "type": "stdout"})
+    assert stale_output.status == 409
+    assert await result(api, frozen, first, exit_code=1) == 409
+    assert await result(api, alive, second, stdout="ok") == 200
+    job = await api.status(token, job_id)
+    assert (job["status"], job["exitCode"], job["workerId"], job["stdout"], job["attempts"]) == (
+        "completed", 0, "alive", "ok", 2)
+
+
+async def test_job_fails_with_worker_lost_past_max_attempts(make_client):
+    api = Api(await make_client(heartbeat_interval=0.2))
+    token = await api.admin()
+    job_id = await api.submit(token, maxAttempts=1)
+    worker = await api.register()
+    assert (await api.claim(worker))["jobId"] == job_id
+
+    job = await wait_for_status(api, token, job_id, "failed")
+
+    assert (job["status"], job["error"], job["exitCode"]) == ("failed", "worker lost", None)
+
+
+async def test_deleting_a_worker_requeues_its_running_job(api):
+    token = await api.admin()
+    job_id = await api.submit(token)
+    worker = await api.register()
+    await api.claim(worker)
+
+    response = await api.call("DELETE", "/api/workers/worker-001", token=token)
+
+    assert response.status == 200
+    assert (await api.status(token, job_id))["status"] == "queued"
+
+
+async def test_running_job_far_past_its_timeout_fails_even_without_its_worker(client, api):
+    token = await api.admin()
+    job_id = await api.submit(token, timeout=1)
+    await api.claim(await api.register())
+    store = client.app[dispatch.STORE]
+    grace = dispatch.server_timeout_grace(client.app[dispatch.CONFIG])
+
+    just_inside = dispatch._iso(dispatch._utcnow() + dt.timedelta(seconds=grace))
+    assert await store.fail_overdue_jobs(grace, just_inside) == []
+    later = dispatch._iso(dispatch._utcnow() + dt.timedelta(seconds=grace + 2))
+    [overdue] = await store.fail_overdue_jobs(grace, later)
+
+    assert overdue["id"] == job_id
+    job = await api.status(token, job_id)
+    assert (job["status"], job["error"]) == ("failed", "timed out after 1 s (no result from the worker)")
+
+
+async def test_cancel_a_queued_job(api):
+    token = await api.admin()
+    job_id = await api.submit(token)
+
+    response = await api.call("POST", "/api/jobs/cancel", token=token, json={"jobId": job_id})
+
+    assert response.status == 200
+    assert (await api.status(token, job_id))["status"] == "cancelled"
+    assert await api.claim(await api.register()) is None
+
+
+async def test_cancel_a_running_job_fences_its_worker_and_tells_websocket_clients(api):
+    user, _ = await api.new_user()
+    job_id = await api.submit(user)
+    worker = await api.register()
+    job = await api.claim(worker)
+    async with api.client.ws_connect(f"/api/jobs/stream?jobId={job_id}",
+                                     headers={"Authorization": f"Bearer {user}"}) as ws:
+        response = await api.call("POST", "/api/jobs/cancel", token=user, json={"jobId": job_id})
+        event = await ws.receive_json(timeout=5)
+
+    assert response.status == 200
+    assert (event["type"], event["jobId"], event["status"]) == ("job.cancelled", job_id, "cancelled")
+    keepalive = await api.call("POST", "/api/jobs/stream-output", worker=worker,
+                               json={"jobId": job_id, "attempt": job["attempt"], "data": "", "type": "stdout"})
+    assert keepalive.status == 409  # how the agent learns it must kill the job
+    assert await result(api, worker, job) == 409
+    status = await api.status(user, job_id)
+    assert (status["status"], status["error"]) == ("cancelled", "cancelled by user@example.com")
+
+
+async def test_only_the_submitter_or_an_admin_may_cancel_and_only_unfinished_jobs(api):
+    owner, _ = await api.new_user("owner@example.com")
+    other, _ = await api.new_user("other@example.com")
+    job_id = await api.submit(owner)
+
+    refused = await api.call("POST", "/api/jobs/cancel", token=other, json={"jobId": job_id})
+    by_admin = await api.call("POST", "/api/jobs/cancel", token=await api.admin(), json={"jobId": job_id})
+    again = await api.call("POST", "/api/jobs/cancel", token=owner, json={"jobId": job_id})
+    unknown = await api.call("POST", "/api/jobs/cancel", token=owner, json={"jobId": "job-nope"})
+    missing = await api.call("POST", "/api/jobs/cancel", token=owner, json={})
+
+    assert [r.status for r in (refused, by_admin, again, unknown, missing)] == [403, 200, 409, 404, 400]
+
+
+async def test_retries_rerun_a_failed_command_and_keep_only_the_last_attempts_output(api):
+    token = await api.admin()
+    job_id = await api.submit(token, retries=1)
+    worker = await api.register()
+
+    first = await api.claim(worker)
+    assert await result(api, worker, first, exit_code=3, stdout="flaky\n") == 200
+    assert (await api.status(token, job_id))["status"] == "queued"
+    second = await api.claim(worker)
+    assert await result(api, worker, second, exit_code=3, stdout="still flaky\n") == 200
+
+    job = await api.status(token, job_id)
+    assert (second["attempt"], job["status"], job["exitCode"], job["stdout"]) == (2, "failed", 3, "still flaky\n")
+    assert await api.claim(worker) is None  # one retry, used
+
+
+async def test_output_past_the_cap_keeps_head_and_tail_with_a_marker(make_client):
+    api = Api(await make_client(max_output_mb=1))
+    token = await api.admin()
+    job_id = await api.submit(token)
+    worker = await api.register()
+    job = await api.claim(worker)
+    chunk = 64 * 1024
+    for i in range(48):  # 3 MiB, three times the cap
+        response = await api.call("POST", "/api/jobs/stream-output", worker=worker, json={
+            "jobId": job_id, "attempt": job["attempt"], "type": "stdout", "data": chr(ord("A") + i % 26) * chunk})
+        assert response.status == 200
+    assert await result(api, worker, job, exit_code=7) == 200
+
+    status = await api.status(token, job_id)
+    half = 512 * 1024
+    head, marker, tail = status["stdout"][:half], status["stdout"][half:-half], status["stdout"][-half:]
+    assert head == "A" * chunk + "B" * chunk + "C" * chunk + "D" * chunk + "E" * chunk + "F" * chunk + "G" * chunk + \
+        "H" * chunk
+    assert tail == "".join(chr(ord("A") + i % 26) * chunk for i in range(40, 48))
+    assert marker == f"\n[... dispatch dropped {48 * chunk - 2 * half} characters of stdout here (output cap) ...]\n"
+    assert (status["status"], status["exitCode"]) == ("failed", 7)
