@@ -42,6 +42,7 @@ import os
 import re
 import secrets
 import socket
+import sqlite3
 import sys
 import time
 import urllib.parse
@@ -55,8 +56,10 @@ import aiosqlite
 import bcrypt
 import jwt
 from aiohttp import WSCloseCode, web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 log = logging.getLogger("dispatch")
+access_log = logging.getLogger("dispatch.access")
 
 # ============================================================================
 # Constants
@@ -77,6 +80,7 @@ MAX_RETRIES = 10
 MAX_REQUEST_BODY = 32 * 1024 * 1024  # JSON bodies: output chunks and results
 WS_QUEUE_LIMIT = 1000  # events a WebSocket client may fall behind before it is dropped
 SWEEP_INTERVAL = 60.0
+CREDENTIAL_PATHS = ("/api/", "/uploads/")  # other paths (the page, /metrics) take no user or worker credentials
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FILE_ID_PATTERN = re.compile(r"file-[0-9a-f]{32}")
 UPLOAD_PATH_PATTERN = re.compile(r"/uploads/(file-[0-9a-f]{32})/([^/]+)")
@@ -226,6 +230,7 @@ SETTINGS: tuple[tuple[str, str | None, str, type, Any, str], ...] = (
     ("cors_origins", None, "DISPATCH_CORS_ORIGINS", str, "", "comma list of browser origins allowed cross-origin"),
     ("trusted_proxies", None, "DISPATCH_TRUSTED_PROXIES", str, "", "comma list of proxy IPs whose X-Forwarded-For is believed"),
     ("bcrypt_rounds", None, "DISPATCH_BCRYPT_ROUNDS", int, 12, "bcrypt cost of new password hashes (4-16)"),
+    ("log_format", "--log-format", "DISPATCH_LOG_FORMAT", str, "text", "log lines as text or json"),
 )
 
 
@@ -251,6 +256,7 @@ class Config:
     cors_origins: str = ""
     trusted_proxies: str = ""
     bcrypt_rounds: int = 12
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, environ: Optional[dict] = None, **overrides: Any) -> "Config":
@@ -365,6 +371,32 @@ class Store:
     async def _write(self, sql: str, params: tuple | dict = ()) -> int:
         async with self._conn.execute(sql, params) as cur:
             return cur.rowcount
+
+    # -- health and metrics --------------------------------------------------
+
+    async def prove_writable(self, now: str) -> None:
+        await self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('health_checked_at', ?)", (now,))
+
+    async def counts(self, cutoff: str) -> dict[str, dict[str, int]]:
+        """Jobs by state, queued jobs by priority, workers by status."""
+        jobs = await self._all("SELECT status AS k, COUNT(*) AS n FROM jobs GROUP BY status")
+        queue = await self._all("SELECT priority AS k, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY priority")
+        workers = await self._all(f"SELECT status AS k, COUNT(*) AS n FROM ({self._WORKER_VIEW}) GROUP BY status",
+                                  {"cutoff": cutoff})
+        return {name: {row["k"]: row["n"] for row in rows}
+                for name, rows in (("jobs", jobs), ("queue", queue), ("workers", workers))}
+
+    # -- retention -----------------------------------------------------------
+
+    async def delete_finished_jobs(self, before: str, batch: int = 500) -> int:
+        """Delete up to ``batch`` jobs that finished before ``before``, output first (no orphans)."""
+        rows = await self._all("SELECT id FROM jobs WHERE completed_at < ? AND status IN"
+                               " ('completed', 'failed', 'cancelled') LIMIT ?", (before, batch))
+        if rows:
+            ids = json.dumps([row["id"] for row in rows])
+            await self._write("DELETE FROM job_output WHERE job_id IN (SELECT value FROM json_each(?))", (ids,))
+            await self._write("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+        return len(rows)
 
     # -- users ---------------------------------------------------------------
 
@@ -842,6 +874,10 @@ class EventHub:
     def unsubscribe(self, ws: web.WebSocketResponse) -> None:
         self._clients.pop(ws, None)
 
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
     def publish(self, event: dict) -> None:
         if not self._clients:
             return
@@ -862,6 +898,54 @@ class EventHub:
         self._clients.clear()
 
 
+class Metrics:
+    """The Prometheus instruments of one app, in its own registry (several apps may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.jobs = Gauge("dispatch_jobs", "Jobs by state", ["state"], registry=registry)
+        self.queue_depth = Gauge("dispatch_queue_depth", "Queued jobs by priority", ["priority"], registry=registry)
+        self.workers = Gauge("dispatch_workers", "Workers by status", ["status"], registry=registry)
+        self.job_duration = Histogram("dispatch_job_duration_seconds", "Run time of finished jobs", ["status"],
+                                      buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600), registry=registry)
+        self.job_wait = Histogram("dispatch_job_wait_seconds", "Time from submit to start",
+                                  buckets=(0.005, 0.05, 0.5, 5, 30, 120, 600, 3600), registry=registry)
+        self.http_requests = Counter("dispatch_http_requests", "HTTP requests by route, method and status code",
+                                     ["route", "method", "code"], registry=registry)
+        self.rate_limited = Counter("dispatch_rate_limited", "Requests refused by the rate limiter",
+                                    registry=registry)
+        self.websocket_clients = Gauge("dispatch_websocket_clients", "Connected WebSocket clients",
+                                       registry=registry)
+        self.upload_bytes = Counter("dispatch_upload_bytes", "Bytes received in uploads", registry=registry)
+
+    def set_counts(self, counts: dict[str, dict[str, int]]) -> None:
+        for gauge, name, labels in ((self.jobs, "jobs", [s.value for s in JobState]),
+                                    (self.queue_depth, "queue", list(PRIORITY_RANK)),
+                                    (self.workers, "workers", ["online", "offline", "error"])):
+            for label in labels:
+                gauge.labels(label).set(counts[name].get(label, 0))
+
+
+def announce(app: web.Application, job: dict) -> None:
+    """Tell everyone a job changed state: WebSocket clients, waiting workers, the log, the metrics."""
+    app[HUB].publish(job_event(job))
+    status, where = job["status"], f" on {job['worker_id']}" if job["worker_id"] else ""
+    if status == JobState.QUEUED:
+        app[BELL].ring()
+    elif status == JobState.RUNNING:
+        app[METRICS].job_wait.observe(_seconds_between(job["created_at"], job["started_at"]))
+    elif job["started_at"]:
+        app[METRICS].job_duration.labels(status).observe(_seconds_between(job["started_at"], job["completed_at"]))
+    detail = f"attempt {job['attempt']}" if status == JobState.RUNNING else (
+        job["error"] or (f"exit {job['exit_code']}" if job["exit_code"] is not None else ""))
+    log.info("job %s %s%s%s", job["id"], status, where, f" ({detail})" if detail else "")
+
+
+def _seconds_between(start: str, end: str) -> float:
+    parse = dt.datetime.fromisoformat
+    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
+
+
 async def sweep_jobs(app: web.Application) -> None:
     """Requeue (or fail) the jobs of offline or deleted workers; fail jobs far past their timeout."""
     store, config = app[STORE], app[CONFIG]
@@ -869,10 +953,7 @@ async def sweep_jobs(app: web.Application) -> None:
     lost = await store.requeue_lost_jobs(_heartbeat_cutoff(config), now)
     overdue = await store.fail_overdue_jobs(server_timeout_grace(config), now)
     for job in lost + overdue:
-        log.warning("job %s %s: %s", job["id"], job["status"], job["error"])
-        app[HUB].publish(job_event(job))
-    if any(job["status"] == JobState.QUEUED for job in lost):
-        app[BELL].ring()
+        announce(app, job)
 
 
 def server_timeout_grace(config: Config) -> float:
@@ -962,6 +1043,27 @@ def _bearer(request: web.Request) -> str | None:
 
 
 @web.middleware
+async def access_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """One log line and one metrics count per request: method, route, status, duration, who."""
+    started = time.perf_counter()
+    status = 499  # the client went away before an answer
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[METRICS].http_requests.labels(route, request.method, str(status)).inc()
+        principal = request.get(PRINCIPAL)
+        who = f"{principal.kind}:{principal.email or principal.id}" if principal else f"ip:{request.remote}"
+        millis = (time.perf_counter() - started) * 1000
+        access_log.info("%s %s %d %.1fms %s", request.method, request.path, status, millis, who,
+                        extra={"fields": {"method": request.method, "path": request.path, "route": route,
+                                          "status": status, "ms": round(millis, 1), "who": who}})
+
+
+@web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Every failure leaves as the contract's error JSON with a stable code."""
     try:
@@ -992,7 +1094,7 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     config = request.app[CONFIG]
     ip = _client_ip(request, config.trusted_proxy_list)
     try:
-        principal = await _authenticate(request)
+        principal = await _authenticate(request) if request.path.startswith(CREDENTIAL_PATHS) else None
     except Unauthorized:
         _charge_rate_limit(request, f"ip:{ip}", config.rate_limit)
         raise
@@ -1018,6 +1120,7 @@ def _charge_rate_limit(request: web.Request, key: str, limit: int) -> None:
                "X-RateLimit-Reset": str(reset)}
     request[RATE_HEADERS] = headers
     if not allowed:
+        request.app[METRICS].rate_limited.inc()
         raise RateLimited("Rate limit exceeded", headers={**headers, "Retry-After": str(retry_after)},
                           extra={"retryAfter": retry_after})
 
@@ -1283,8 +1386,7 @@ async def submit_job(request: web.Request) -> web.Response:
         "max_attempts": _optional_int(body, "maxAttempts", minimum=1, maximum=MAX_ATTEMPTS_LIMIT) or 3,
         "retries": _optional_int(body, "retries", minimum=0, maximum=MAX_RETRIES) or 0,
         "submitted_by": principal.id, "created_at": _iso(_utcnow())})
-    request.app[BELL].ring()
-    request.app[HUB].publish(job_event(job))
+    announce(request.app, job)
     estimate = await store.queue_estimate(job["id"], _heartbeat_cutoff(request.app[CONFIG]))
     return _json({"success": True, "jobId": job["id"], "status": JobState.QUEUED.value,
                   "createdAt": job["created_at"], "estimatedWaitTime": _estimated_wait(estimate)}, status=201)
@@ -1352,8 +1454,7 @@ async def get_job(request: web.Request) -> web.Response:
             app[BELL].forget(ring)
     if job is None:
         return web.Response(status=204)
-    app[HUB].publish(job_event(job))
-    log.info("job %s started on %s (attempt %d)", job["id"], worker.id, job["attempt"])
+    announce(app, job)
     base = app[CONFIG].public_url.rstrip("/") or f"{request.scheme}://{request.host}"
     file_url = base + _upload_url(job["file_id"], job["file_name"]) if job["file_id"] else None
     return _json({"success": True, "job": {
@@ -1451,10 +1552,7 @@ async def submit_result(request: web.Request) -> web.Response:
                                           now=_iso(_utcnow()))
     if finished is None:
         raise Conflict("This worker does not hold the job", code="NOT_JOB_HOLDER")
-    hub.publish(job_event(finished))
-    if finished["status"] == JobState.QUEUED:
-        app[BELL].ring()
-    log.info("job %s %s on %s (exit %d)", job["id"], finished["status"], worker.id, exit_code)
+    announce(app, finished)
     return _json({"success": True, "message": "Result saved", "jobId": job["id"]})
 
 
@@ -1473,8 +1571,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     cancelled = await store.cancel_job(job_id, f"cancelled by {principal.email}", _iso(_utcnow()))
     if cancelled is None:
         raise Conflict(f"Job already {job['status']}", code="JOB_FINISHED")
-    request.app[HUB].publish(job_event(cancelled))
-    log.info("job %s cancelled by %s", job_id, principal.email)
+    announce(request.app, cancelled)
     return _json({"success": True, "jobId": job_id, "status": JobState.CANCELLED.value})
 
 
@@ -1503,6 +1600,40 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+# -- operations -----------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    """For monitors, without auth: 200 while the database takes writes, 503 otherwise."""
+    app = request.app
+    store = app[STORE]
+    await store.prove_writable(_iso(_utcnow()))
+    counts = await store.counts(_heartbeat_cutoff(app[CONFIG]))
+    return _json({"status": "ok", "version": __version__, "uptimeSeconds": round(time.monotonic() - app[STARTED], 1),
+                  "queueDepth": sum(counts["queue"].values()), "runningJobs": counts["jobs"].get("running", 0),
+                  "onlineWorkers": counts["workers"].get("online", 0)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format. Open to loopback; elsewhere only with DISPATCH_METRICS_TOKEN."""
+    app = request.app
+    token = app[CONFIG].metrics_token
+    offered = _bearer(request) or ""
+    caller = _client_ip(request, app[CONFIG].trusted_proxy_list)  # a local proxy must not open it to all
+    if not _is_loopback(caller) and not (token and hmac.compare_digest(offered.encode(), token.encode())):
+        raise Forbidden("Metrics are open to loopback only; elsewhere send Authorization: Bearer "
+                        "<DISPATCH_METRICS_TOKEN>", code="METRICS_FORBIDDEN")
+    app[METRICS].set_counts(await app[STORE].counts(_heartbeat_cutoff(app[CONFIG])))
+    return web.Response(body=generate_latest(app[METRICS].registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _is_loopback(address: str | None) -> bool:
+    try:
+        return ipaddress.ip_address(address or "").is_loopback
+    except ValueError:
+        return False
+
+
 # -- files ----------------------------------------------------------------------
 
 
@@ -1519,6 +1650,9 @@ async def upload_file(request: web.Request) -> web.Response:
     except (AssertionError, ValueError, KeyError):
         raise InvalidFile("Expected multipart/form-data with a 'file' field", code="MISSING_FILE") from None
     field = await _next_file_field(reader)
+    # aiohttp reads no more request bodies once shutdown begins, so a stop abandons this upload
+    uploading = request.app[UPLOADS_IN_PROGRESS]
+    uploading.add(asyncio.current_task())
     file_id = _new_id("file")
     name = _safe_filename(field.filename)
     uploads = config.data_path / "uploads"
@@ -1535,11 +1669,13 @@ async def upload_file(request: web.Request) -> web.Response:
         (uploads / file_id).mkdir()
         partial.rename(uploads / file_id / name)
     finally:
+        uploading.discard(asyncio.current_task())
         partial.unlink(missing_ok=True)
     now = _utcnow()
     record = {"id": file_id, "name": name, "size": size, "sha256": digest.hexdigest(), "owner_id": principal.id,
               "uploaded_at": _iso(now), "expires_at": _iso(now + dt.timedelta(days=config.file_ttl_days))}
     await request.app[STORE].insert_file(record)
+    request.app[METRICS].upload_bytes.inc(size)
     return _json({"success": True, "fileId": file_id, "filename": name, "size": size, "sha256": record["sha256"],
                   "uploadedAt": record["uploaded_at"], "url": _upload_url(file_id, name),
                   "expiresAt": record["expires_at"]}, status=201)
@@ -1587,6 +1723,9 @@ TOKENS = web.AppKey("tokens", Tokens)
 BELL = web.AppKey("bell", QueueBell)
 HUB = web.AppKey("hub", EventHub)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+METRICS = web.AppKey("metrics", Metrics)
+STARTED = web.AppKey("started", float)
+UPLOADS_IN_PROGRESS = web.AppKey("uploads_in_progress", set)
 PRINCIPAL = web.RequestKey("principal", object)  # Principal, or None for an anonymous caller
 RATE_HEADERS = web.RequestKey("rate_headers", dict)
 
@@ -1617,7 +1756,7 @@ FIRST_ADMIN = web.AppKey("first_admin", tuple)
 
 async def _sweeper_ctx(app: web.Application):
     """Background clean-up: lost and overdue jobs often (a dead worker's jobs must move on within
-    seconds of it being declared offline); expired uploads and revocations every minute."""
+    a second of it being declared offline); uploads, revocations and jobs past retention every minute."""
     job_period = min(1.0, app[CONFIG].heartbeat_interval / 2)
 
     async def sweep_forever() -> None:
@@ -1649,20 +1788,30 @@ async def _sweep_storage(app: web.Application) -> None:
                 folder.rmdir()
             await store.delete_file(record["id"])
     await store.purge_revoked_tokens(int(now.timestamp()))
+    old = _iso(now - dt.timedelta(days=app[CONFIG].job_retention_days))
+    while await store.delete_finished_jobs(old):
+        await asyncio.sleep(0)  # small batches, so requests go on in between
 
 
 async def _on_shutdown(app: web.Application) -> None:
     app[BELL].close()  # long-polls answer 204 now
     await app[HUB].close_all()
+    for upload in app[UPLOADS_IN_PROGRESS]:
+        upload.cancel()  # its body would never arrive; the partial file is removed
 
 
 def create_app(config: Config) -> web.Application:
     """The dispatch web application, ready for ``web.run_app`` or embedding."""
-    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=MAX_REQUEST_BODY)
+    app = web.Application(middlewares=[access_middleware, error_middleware, auth_middleware],
+                          client_max_size=MAX_REQUEST_BODY)
     app[CONFIG] = config
     app[BELL] = QueueBell()
     app[HUB] = EventHub()
     app[RATE_LIMITER] = RateLimiter()
+    app[METRICS] = Metrics()
+    app[METRICS].websocket_clients.set_function(lambda: app[HUB].client_count)
+    app[STARTED] = time.monotonic()
+    app[UPLOADS_IN_PROGRESS] = set()
     app.cleanup_ctx.extend([_storage_ctx, _sweeper_ctx])
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(_add_rate_limit_headers)
@@ -1689,6 +1838,8 @@ def create_app(config: Config) -> web.Application:
         web.post("/api/files/upload", upload_file),
         web.get("/api/files/download/{file_id}", download_file),
         web.get("/uploads/{file_id}/{name}", download_file),
+        web.get("/api/health", health),
+        web.get("/metrics", metrics),
     ]
     app.add_routes(routes)
     websocket = app.router.add_get("/api/jobs/stream", job_events)
@@ -1717,13 +1868,16 @@ def _build_parser() -> argparse.ArgumentParser:
     for field, flag, env, kind, default, help_ in SETTINGS:
         if flag:
             parser.add_argument(flag, dest=field, type=kind, help=f"{help_} (env {env}, default {default})")
-    commands = parser.add_subparsers(dest="command", metavar="{user}")
+    commands = parser.add_subparsers(dest="command", metavar="{user,backup}")
     user = commands.add_parser("user", help="manage users: user add EMAIL --role admin|user")
     user_commands = user.add_subparsers(dest="user_command", required=True)
     add = user_commands.add_parser("add", help="add a user (password from a prompt or --password-stdin)")
     add.add_argument("email")
     add.add_argument("--role", choices=["admin", "user"], default="user")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    backup = commands.add_parser("backup", help="backup FILE: a consistent copy of the database, safe while the "
+                                                "server runs")
+    backup.add_argument("file", type=Path)
     return parser
 
 
@@ -1741,6 +1895,54 @@ async def _add_user_command(config: Config, email: str, role: str, password: str
         await create_user(store, email, password, role, config.bcrypt_rounds)
     finally:
         await store.close()
+
+
+def backup_database(config: Config, target: Path) -> None:
+    """Copy the database with SQLite's online backup: consistent even while the server writes."""
+    source_path = config.data_path / "dispatch.db"
+    if not source_path.exists():
+        raise SystemExit(f"no database at {source_path}")
+    if target.exists():
+        raise SystemExit(f"{target} exists; choose a new file")
+    source, copy = sqlite3.connect(source_path), sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+
+
+class _TextFormatter(logging.Formatter):
+    """Plain log lines with control characters escaped, so input cannot forge a line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord(record.__dict__)
+        record.msg, record.args = _escape_controls(record.getMessage()), None
+        return super().format(record)
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": _iso(dt.datetime.fromtimestamp(record.created, dt.timezone.utc)), "level": record.levelname,
+                "logger": record.name, "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def _escape_controls(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _setup_logging(log_format: str) -> None:
+    if log_format not in ("text", "json"):
+        raise SystemExit("--log-format must be text or json")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonFormatter() if log_format == "json"
+                         else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def _print_banner(app: web.Application) -> None:
@@ -1761,7 +1963,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _build_parser().parse_args(argv)
     overrides = {field: getattr(args, field) for field, flag, *_ in SETTINGS if flag}
     config = Config.from_env(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(config.log_format)
+    if args.command == "backup":
+        backup_database(config, args.file)
+        print(f"backed up {config.data_path / 'dispatch.db'} to {args.file}")
+        return 0
     if args.command == "user":
         if args.password_stdin:
             password = sys.stdin.readline().rstrip("\r\n")

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority_rank DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker_id, status);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
 
 -- Output is appended chunk by chunk, so a long log costs O(total size), never a rewrite per chunk.
 -- Past the cap a stream keeps its head and a sliding tail; what fell between is counted, not kept.
@@ -83,5 +84,11 @@ CREATE TABLE IF NOT EXISTS job_output (
     data    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_output_job ON job_output (job_id, attempt, stream, part, chunk);
+
+-- Small facts about the database itself (the health check writes here to prove it can).
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 
 PRAGMA user_version = 1;
