@@ -179,13 +179,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server_env() -> dict[str, str]:
+def server_environment() -> dict[str, str]:
+    """The environment of a test server: known admin and registration token, limits off."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
     env.update(DISPATCH_ADMIN_EMAIL=ADMIN_EMAIL, DISPATCH_ADMIN_PASSWORD=ADMIN_PASSWORD,
                DISPATCH_REGISTRATION_TOKEN=REGISTRATION_TOKEN, DISPATCH_RATE_LIMIT="0",
-               DISPATCH_BCRYPT_ROUNDS="4", PYTHONUNBUFFERED="1")
+               DISPATCH_WORKER_RATE_LIMIT="0", DISPATCH_BCRYPT_ROUNDS="4", PYTHONUNBUFFERED="1")
     return env
+
+
+@pytest.fixture
+def server_env() -> dict[str, str]:
+    return server_environment()
 
 
 @pytest.fixture

@@ -1,0 +1,119 @@
+"""Property-based: random JSON and query strings at every endpoint of a real server never get a
+500, and no answer or log line ever carries a password hash, a token or a token hash."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ServerProcess, server_environment
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12)
+
+FIELDS = ["command", "fileUrl", "workingDirectory", "timeout", "priority", "tags", "retries", "maxAttempts",
+          "jobId", "attempt", "data", "type", "exitCode", "stdout", "stderr", "error", "workerId", "hostname",
+          "cpuCount", "totalMemoryMb", "metadata", "status", "jobsCompleted", "email", "password", "role", "progress"]
+bodies = st.one_of(json_values, st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8))
+
+# (method, path, who) — who: "admin", "worker" or "registration"
+POST_ENDPOINTS = [
+    ("POST", "/api/auth/login", None), ("POST", "/api/users", "admin"),
+    ("POST", "/api/workers/register", "registration"), ("POST", "/api/workers/heartbeat", "worker"),
+    ("POST", "/api/jobs/submit", "admin"), ("POST", "/api/jobs/stream-output", "worker"),
+    ("POST", "/api/jobs/submit-result", "worker"), ("POST", "/api/jobs/cancel", "admin"),
+]
+GET_ENDPOINTS = [
+    ("/api/jobs/list", "admin"), ("/api/jobs/status", "admin"), ("/api/workers/list", "admin"),
+    ("/api/jobs/get-job", "worker"), ("/api/workers/x", "admin"), ("/api/files/download/x", "admin"),
+    ("/uploads/x/y", "admin"), ("/api/health", None),
+]
+QUERY_KEYS = ["limit", "offset", "sort", "status", "workerId", "tags", "jobId"]
+TRICKY_WAITS = ["nan", "inf", "-1", "1e999", "0", "0.1", "", "x", "61", "-0"]  # never a long wait
+queries = st.builds(lambda q, w: {**q, **w},
+                    st.dictionaries(st.sampled_from(QUERY_KEYS), st.text(max_size=12), max_size=4),
+                    st.one_of(st.just({}), st.fixed_dictionaries({"wait": st.sampled_from(TRICKY_WAITS)})))
+
+
+class Farm:
+    def __init__(self, server: ServerProcess):
+        self.server = server
+        self.seen: list[str] = []
+        self.credentials = {None: {}, "registration": {"Authorization": f"Bearer {REGISTRATION_TOKEN}"}}
+        token = self.request("POST", "/api/auth/login", {}, {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})[1]
+        self.credentials["admin"] = {"Authorization": f"Bearer {json.loads(token)['token']}"}
+        worker = self.request("POST", "/api/workers/register", self.credentials["registration"],
+                              {"workerId": "fuzz-worker", "hostname": "h"})[1]
+        self.credentials["worker"] = {"x-worker-token": json.loads(worker)["token"]}
+        self.seen.clear()  # the two answers above carry tokens by design; none after them may
+
+    def request(self, method: str, path: str, headers: dict, body=None, raw: bytes | None = None) -> tuple[int, str]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(self.server.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, text = response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode()
+            error.close()
+        self.seen.append(text)
+        return status, text
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    server = ServerProcess(tmp_path_factory.mktemp("fuzz") / "data", server_environment()).start()
+    yield Farm(server)
+    server.stop()
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(endpoint=st.sampled_from(POST_ENDPOINTS), body=bodies)
+def test_random_json_bodies_never_get_a_500(farm, endpoint, body):
+    method, path, who = endpoint
+    status, text = farm.request(method, path, farm.credentials[who], body)
+    assert status < 500, text
+    if status >= 400:
+        assert {"error", "message", "code"} <= set(json.loads(text))
+
+
+@FUZZ
+@given(endpoint=st.sampled_from(GET_ENDPOINTS), query=queries)
+def test_random_query_strings_never_get_a_500(farm, endpoint, query):
+    path, who = endpoint
+    status, text = farm.request("GET", f"{path}?{urllib.parse.urlencode(query)}", farm.credentials[who])
+    assert status < 500, text
+
+
+@FUZZ
+@given(raw=st.binary(max_size=200))
+def test_random_bytes_as_a_body_never_get_a_500(farm, raw):
+    status, text = farm.request("POST", "/api/jobs/submit", farm.credentials["admin"], raw=raw)
+    assert status == 400, text
+
+
+def test_no_answer_or_log_line_carries_a_secret(farm):
+    farm.request("GET", "/api/workers/list", farm.credentials["admin"])
+    farm.request("GET", "/api/users", farm.credentials["admin"])
+    db = sqlite3.connect(farm.server.data_dir / "dispatch.db")
+    secrets = [row[0] for row in db.execute("SELECT password_hash FROM users UNION ALL SELECT token_hash FROM workers")]
+    db.close()
+    secrets += [farm.credentials["worker"]["x-worker-token"], farm.credentials["admin"]["Authorization"][7:],
+                ADMIN_PASSWORD, (farm.server.data_dir / "jwt_secret").read_text()]
+    everything = "\n".join(farm.seen) + farm.server.log().split("add a desktop", 1)[1]
+    assert len(farm.seen) > 10
+    for secret in secrets:
+        assert secret not in everything

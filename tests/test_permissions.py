@@ -1,0 +1,120 @@
+"""The permission matrix: every endpoint against every kind of caller.
+
+Each row lists callers in order; a caller that changes state comes last, so the ones before it
+are checked against the same world. Every row gets a fresh world."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import jwt
+import pytest
+
+from conftest import REGISTRATION_TOKEN, Api, make_zip
+
+REFUSED = {"none": 401, "garbage": 401, "expired": 401, "alg-none": 401, "wrong-key": 401}
+
+
+class World:
+    """Owner and other user, admin, a worker holding the owner's job on the owner's file, another worker."""
+
+    async def build(self, api: Api, config) -> "World":
+        self.api = api
+        self.admin = await api.admin()
+        self.owner, owner_id = await api.new_user("owner@example.com")
+        self.other, _ = await api.new_user("other@example.com")
+        upload = await api.upload(self.owner, make_zip({"a.txt": "a"}))
+        self.file_id = upload["fileId"]
+        self.url = upload["url"]
+        self.job_id = await api.submit(self.owner, fileUrl=self.url)
+        self.worker = await api.register("worker-a")
+        self.other_worker = await api.register("worker-b")
+        self.job = await api.claim(self.worker)
+        secret = (config.data_path / "jwt_secret").read_text()
+        now = int(time.time())
+        claims = {"sub": owner_id, "role": "user", "jti": "j1", "iat": now - 100}
+        self.forged = {
+            "garbage": "not-a-token",
+            "expired": jwt.encode({**claims, "exp": now - 10}, secret, algorithm="HS256"),
+            "alg-none": jwt.encode({**claims, "exp": now + 600, "role": "admin"}, None, algorithm="none"),
+            "wrong-key": jwt.encode({**claims, "exp": now + 600, "role": "admin"}, "a-guessed-secret-that-is-long-enough-to-use", algorithm="HS256"),
+        }
+        return self
+
+    def headers(self, caller: str) -> dict[str, str]:
+        tokens = {"owner": self.owner, "other": self.other, "admin": self.admin, "registration": REGISTRATION_TOKEN,
+                  **self.forged}
+        if caller in tokens:
+            return {"Authorization": f"Bearer {tokens[caller]}"}
+        if caller == "worker":
+            return {"x-worker-token": self.worker}
+        if caller == "other-worker":
+            return {"x-worker-token": self.other_worker}
+        return {}
+
+
+def held(world: World, **extra) -> dict:
+    return {"jobId": world.job_id, "attempt": world.job["attempt"], **extra}
+
+
+# (name, method, path, body, expected status by caller in order)
+MATRIX = [
+    ("login-me", "GET", "/api/auth/me", None, {**REFUSED, "worker": 403, "owner": 200}),
+    ("logout", "POST", "/api/auth/logout", None, {**REFUSED, "worker": 403, "owner": 200}),
+    ("list-users", "GET", "/api/users", None, {**REFUSED, "owner": 403, "worker": 403, "admin": 200}),
+    ("add-user", "POST", "/api/users", lambda w: {"email": "new@example.com", "password": "new-password"},
+     {**REFUSED, "owner": 403, "worker": 403, "admin": 201}),
+    ("register", "POST", "/api/workers/register", lambda w: {"workerId": "w-new", "hostname": "h"},
+     {**REFUSED, "owner": 403, "worker": 403, "registration": 201}),
+    ("register-by-admin", "POST", "/api/workers/register", lambda w: {"workerId": "w-new", "hostname": "h"},
+     {"admin": 201}),
+    ("heartbeat", "POST", "/api/workers/heartbeat", lambda w: {"workerId": "worker-a", "status": "busy"},
+     {**REFUSED, "owner": 403, "admin": 403, "other-worker": 403, "worker": 200}),
+    ("list-workers", "GET", "/api/workers/list", None, {**REFUSED, "worker": 403, "owner": 200, "admin": 200}),
+    ("get-worker", "GET", "/api/workers/worker-a", None, {**REFUSED, "worker": 403, "owner": 200}),
+    ("delete-worker", "DELETE", "/api/workers/worker-b", None,
+     {**REFUSED, "owner": 403, "other-worker": 403, "admin": 200}),
+    ("submit", "POST", "/api/jobs/submit", lambda w: {"command": "make"},
+     {**REFUSED, "worker": 403, "owner": 201, "admin": 201}),
+    ("submit-with-anothers-file", "POST", "/api/jobs/submit", lambda w: {"command": "make", "fileUrl": w.url},
+     {"other": 400, "owner": 201, "admin": 201}),
+    ("status", "GET", "/api/jobs/status?jobId={job}", None, {**REFUSED, "worker": 403, "other": 200, "owner": 200}),
+    ("list-jobs", "GET", "/api/jobs/list", None, {**REFUSED, "worker": 403, "other": 200, "owner": 200}),
+    ("get-job", "GET", "/api/jobs/get-job", None, {**REFUSED, "owner": 403, "admin": 403, "worker": 204}),
+    ("stream-output", "POST", "/api/jobs/stream-output", lambda w: held(w, data="x", type="stdout"),
+     {**REFUSED, "owner": 403, "admin": 403, "other-worker": 409, "worker": 200}),
+    ("submit-result", "POST", "/api/jobs/submit-result", lambda w: held(w, exitCode=0),
+     {**REFUSED, "owner": 403, "admin": 403, "other-worker": 409, "worker": 200}),
+    ("cancel-by-owner", "POST", "/api/jobs/cancel", lambda w: {"jobId": w.job_id},
+     {**REFUSED, "other": 403, "worker": 403, "owner": 200}),
+    ("cancel-by-admin", "POST", "/api/jobs/cancel", lambda w: {"jobId": w.job_id}, {"admin": 200}),
+    ("upload", "POST", "/api/files/upload", "file", {**REFUSED, "worker": 403, "owner": 201}),
+    ("download", "GET", "/api/files/download/{file}", None,
+     {**REFUSED, "other": 403, "other-worker": 403, "worker": 200, "owner": 200, "admin": 200}),
+    ("upload-url", "GET", "{url}", None,
+     {**REFUSED, "other": 403, "other-worker": 403, "worker": 200, "owner": 200, "admin": 200}),
+    ("delete-user", "DELETE", "/api/users/{owner_id}", None, {**REFUSED, "other": 403, "worker": 403, "admin": 200}),
+]
+
+
+@pytest.mark.parametrize("name, method, path, body, expected", MATRIX, ids=[row[0] for row in MATRIX])
+async def test_permission_matrix(api, config, name, method, path, body, expected):
+    world = await World().build(api, config)
+    me = await (await api.call("GET", "/api/auth/me", token=world.owner)).json()
+    path = path.format(job=world.job_id, file=world.file_id, url=world.url, owner_id=me["user"]["id"])
+    got = {}
+    api.client.session.cookie_jar.clear()  # every caller brings only its own credentials
+    for caller in expected:
+        kwargs = {}
+        if body == "file":
+            form = aiohttp.FormData()
+            form.add_field("file", b"data", filename="f.zip")
+            kwargs["data"] = form
+        elif body is not None:
+            kwargs["json"] = body(world)
+        response = await api.client.request(method, path, headers=world.headers(caller), **kwargs)
+        got[caller] = response.status
+        if response.status >= 400:
+            assert set(await response.json()) >= {"error", "message", "code"}
+    assert got == expected
