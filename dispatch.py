@@ -605,6 +605,12 @@ class Store:
             {"status": status, "exit_code": exit_code, "error": error, "now": now,
              "id": job_id, "worker": worker_id, "attempt": attempt})
 
+    async def release_job(self, job_id: str, worker_id: str, attempt: int) -> None:
+        """Undo a claim that never reached its worker: queued again, as if never handed out."""
+        await self._write(
+            f"UPDATE jobs SET status = 'queued', worker_id = NULL, started_at = NULL, attempt = attempt - 1"
+            f" WHERE {self._HOLDER}", {"id": job_id, "worker": worker_id, "attempt": attempt})
+
     async def requeue_for_retry(self, job_id: str, worker_id: str, attempt: int, *, exit_code: int,
                                 error: str) -> dict | None:
         """Put a failed attempt's job back in the queue, spending one of its retries."""
@@ -1442,10 +1448,13 @@ async def get_job(request: web.Request) -> web.Response:
     wait = _query_float(request.query, "wait", 0.0, 0.0, MAX_LONG_POLL_SECONDS)
     app = request.app
     deadline = time.monotonic() + wait
+    store = app[STORE]
     while True:
         ring = app[BELL].listen()
         try:
-            job = await app[STORE].claim_next_job(worker.id, worker.tags, _iso(_utcnow()))
+            if _client_gone(request):
+                return web.Response(status=204)  # nobody to hand a job to
+            job = await store.claim_next_job(worker.id, worker.tags, _iso(_utcnow()))
             remaining = deadline - time.monotonic()
             if job is not None or remaining <= 0 or app[BELL].closed:
                 break
@@ -1454,6 +1463,10 @@ async def get_job(request: web.Request) -> web.Response:
             app[BELL].forget(ring)
     if job is None:
         return web.Response(status=204)
+    if _client_gone(request):  # it hung up while we claimed: the job goes back, untouched
+        await store.release_job(job["id"], worker.id, job["attempt"])
+        app[BELL].ring()
+        return web.Response(status=204)
     announce(app, job)
     base = app[CONFIG].public_url.rstrip("/") or f"{request.scheme}://{request.host}"
     file_url = base + _upload_url(job["file_id"], job["file_name"]) if job["file_id"] else None
@@ -1461,6 +1474,10 @@ async def get_job(request: web.Request) -> web.Response:
         "jobId": job["id"], "command": job["command"], "fileUrl": file_url,
         "workingDirectory": job["working_directory"], "timeout": job["timeout"],
         "attempt": job["attempt"], "tags": json.loads(job["tags"])}})
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 def _query_float(query, name: str, default: float, minimum: float, maximum: float) -> float:

@@ -179,3 +179,19 @@ async def test_output_past_the_cap_keeps_head_and_tail_with_a_marker(make_client
     assert tail == "".join(chr(ord("A") + i % 26) * chunk for i in range(40, 48))
     assert marker == f"\n[... dispatch dropped {48 * chunk - 2 * half} characters of stdout here (output cap) ...]\n"
     assert (status["status"], status["exitCode"]) == ("failed", 7)
+
+
+async def test_a_long_poll_that_hung_up_never_swallows_a_job(api):
+    token = await api.admin()
+    gone = await api.register("gone")
+    parked = asyncio.ensure_future(api.claim(gone, wait=10))
+    await asyncio.sleep(0.3)
+    parked.cancel()  # the agent died (or restarted) while its poll was parked
+    await asyncio.sleep(0.3)
+
+    job_id = await api.submit(token)
+    await asyncio.sleep(0.3)
+
+    assert (await api.status(token, job_id))["status"] == "queued"
+    job = await api.claim(await api.register("alive"))
+    assert (job["jobId"], job["attempt"]) == (job_id, 1)
