@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import socket
 import time
+import urllib.request
 
 import dispatch
-from conftest import Api
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, Api
 
 
 async def heartbeat(api: Api, worker_token: str) -> None:
@@ -181,17 +184,26 @@ async def test_output_past_the_cap_keeps_head_and_tail_with_a_marker(make_client
     assert (status["status"], status["exitCode"]) == ("failed", 7)
 
 
-async def test_a_long_poll_that_hung_up_never_swallows_a_job(api):
-    token = await api.admin()
-    gone = await api.register("gone")
-    parked = asyncio.ensure_future(api.claim(gone, wait=10))
-    await asyncio.sleep(0.3)
-    parked.cancel()  # the agent died (or restarted) while its poll was parked
-    await asyncio.sleep(0.3)
+def test_a_long_poll_that_hung_up_never_swallows_a_job(dispatch_server):
+    # A real process: aiohttp's test server cancels handlers on disconnect, run_app does not.
+    def call(method, path, headers, body=None):
+        request = urllib.request.Request(dispatch_server.url + path, method=method, headers=headers,
+                                         data=json.dumps(body).encode() if body is not None else None)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
 
-    job_id = await api.submit(token)
-    await asyncio.sleep(0.3)
+    registration = {"Authorization": f"Bearer {REGISTRATION_TOKEN}"}
+    gone = call("POST", "/api/workers/register", registration, {"workerId": "gone", "hostname": "h"})[1]["token"]
+    with socket.create_connection(("127.0.0.1", dispatch_server.port)) as parked:
+        parked.sendall(f"GET /api/jobs/get-job?wait=30 HTTP/1.1\r\nHost: x\r\nx-worker-token: {gone}\r\n\r\n".encode())
+        time.sleep(0.3)
+    # the agent died (or restarted) while its poll was parked; now a job arrives
+    token = call("POST", "/api/auth/login", {}, {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})[1]["token"]
+    user = {"Authorization": f"Bearer {token}"}
+    job_id = call("POST", "/api/jobs/submit", user, {"command": "make"})[1]["jobId"]
+    time.sleep(0.3)
 
-    assert (await api.status(token, job_id))["status"] == "queued"
-    job = await api.claim(await api.register("alive"))
+    assert call("GET", f"/api/jobs/status?jobId={job_id}", user)[1]["job"]["status"] == "queued"
+    alive = call("POST", "/api/workers/register", registration, {"workerId": "alive", "hostname": "h"})[1]["token"]
+    job = call("GET", "/api/jobs/get-job", {"x-worker-token": alive})[1]["job"]
     assert (job["jobId"], job["attempt"]) == (job_id, 1)
