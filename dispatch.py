@@ -625,21 +625,29 @@ class Store:
             "UPDATE jobs SET status = 'cancelled', error = ?, completed_at = ?"
             " WHERE id = ? AND status IN ('queued', 'running') RETURNING *", (reason, now, job_id))
 
+    # A job whose worker was lost goes back to the queue, or fails once lost workers have cost
+    # it max_attempts attempts (exit-code retries do not count).
+    _REQUEUE_LOST = """UPDATE jobs SET
+        status = CASE WHEN attempt - retried < max_attempts THEN 'queued' ELSE 'failed' END,
+        error = CASE WHEN attempt - retried < max_attempts
+                     THEN 'worker ' || worker_id || ' lost; requeued' ELSE 'worker lost' END,
+        completed_at = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE :now END,
+        worker_id = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE worker_id END,
+        started_at = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE started_at END,
+        progress = NULL
+      WHERE status = 'running' AND """
+
     async def requeue_lost_jobs(self, cutoff: str, now: str) -> list[dict]:
-        """Running jobs whose worker is offline or gone: back to the queue, or failed once
-        lost workers have cost them ``max_attempts`` attempts."""
+        """The running jobs of workers that are offline or gone."""
         return await self._all(
-            """UPDATE jobs SET
-                 status = CASE WHEN attempt - retried < max_attempts THEN 'queued' ELSE 'failed' END,
-                 error = CASE WHEN attempt - retried < max_attempts
-                              THEN 'worker ' || worker_id || ' lost; requeued' ELSE 'worker lost' END,
-                 completed_at = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE :now END,
-                 worker_id = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE worker_id END,
-                 started_at = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE started_at END,
-                 progress = NULL
-               WHERE status = 'running'
-                 AND worker_id NOT IN (SELECT id FROM workers WHERE last_heartbeat >= :cutoff)
-               RETURNING *""", {"cutoff": cutoff, "now": now})
+            self._REQUEUE_LOST + "worker_id NOT IN (SELECT id FROM workers WHERE last_heartbeat >= :cutoff)"
+                                 " RETURNING *", {"cutoff": cutoff, "now": now})
+
+    async def requeue_forgotten_jobs(self, worker_id: str, running: list[str], now: str) -> list[dict]:
+        """The running jobs a worker holds but no longer runs (it restarted and lost them)."""
+        return await self._all(
+            self._REQUEUE_LOST + "worker_id = :worker AND id NOT IN (SELECT value FROM json_each(:running))"
+                                 " RETURNING *", {"worker": worker_id, "running": json.dumps(running), "now": now})
 
     async def fail_overdue_jobs(self, grace: float, now: str) -> list[dict]:
         """Running jobs past their timeout plus ``grace`` seconds fail, whatever their worker does."""
@@ -1306,8 +1314,15 @@ async def heartbeat(request: web.Request) -> web.Response:
     if status not in ("idle", "busy", "error"):
         raise _invalid_field("status", "status must be idle, busy or error")
     jobs_completed = _optional_int(body, "jobsCompleted")
+    running = body.get("runningJobs")
+    if running is not None and not (isinstance(running, list) and all(isinstance(j, str) for j in running)):
+        raise _invalid_field("runningJobs", "runningJobs must be a list of job ids")
     now = _utcnow()
-    await request.app[STORE].record_heartbeat(worker.id, status, jobs_completed, _iso(now))
+    store = request.app[STORE]
+    await store.record_heartbeat(worker.id, status, jobs_completed, _iso(now))
+    if running is not None:  # the complete list: any other job this worker holds was lost with a restart
+        for job in await store.requeue_forgotten_jobs(worker.id, running, _iso(now)):
+            announce(request.app, job)
     return _json({"success": True, "serverTime": _iso(now),
                   "nextCheckIn": int(request.app[CONFIG].heartbeat_interval * 1000)})
 

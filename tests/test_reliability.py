@@ -207,3 +207,20 @@ def test_a_long_poll_that_hung_up_never_swallows_a_job(dispatch_server):
     alive = call("POST", "/api/workers/register", registration, {"workerId": "alive", "hostname": "h"})[1]["token"]
     job = call("GET", "/api/jobs/get-job", {"x-worker-token": alive})[1]["job"]
     assert (job["jobId"], job["attempt"]) == (job_id, 1)
+
+
+async def test_a_restarted_worker_gives_back_the_jobs_it_no_longer_runs(api):
+    token = await api.admin()
+    kept, forgotten = await api.submit(token, "kept"), await api.submit(token, "forgotten")
+    worker = await api.register()
+    await api.claim(worker), await api.claim(worker)
+
+    response = await api.call("POST", "/api/workers/heartbeat", worker=worker,
+                              json={"status": "busy", "runningJobs": [kept]})
+
+    assert response.status == 200
+    assert (await api.status(token, kept))["status"] == "running"
+    job = await api.status(token, forgotten)
+    assert (job["status"], job["error"]) == ("queued", "worker worker-001 lost; requeued")
+    bad = await api.call("POST", "/api/workers/heartbeat", worker=worker, json={"runningJobs": "all"})
+    assert bad.status == 400
