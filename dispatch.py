@@ -81,6 +81,7 @@ MAX_REQUEST_BODY = 32 * 1024 * 1024  # JSON bodies: output chunks and results
 WS_QUEUE_LIMIT = 1000  # events a WebSocket client may fall behind before it is dropped
 SWEEP_INTERVAL = 60.0
 CREDENTIAL_PATHS = ("/api/", "/uploads/")  # other paths (the page, /metrics) take no user or worker credentials
+REFRESH_PATH = "/api/auth/refresh"  # reads its (possibly expired) token itself
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FILE_ID_PATTERN = re.compile(r"file-[0-9a-f]{32}")
 UPLOAD_PATH_PATTERN = re.compile(r"/uploads/(file-[0-9a-f]{32})/([^/]+)")
@@ -724,7 +725,7 @@ _DUMMY_PASSWORD_HASH = bcrypt.hashpw(b"dispatch", bcrypt.gensalt(rounds=12)).dec
 
 async def create_user(store: Store, email: str, password: str, role: str, rounds: int) -> dict:
     """Add a user; Conflict if the email is taken."""
-    if not re.fullmatch(r"[^@\s]+@[^@\s]+", email or ""):
+    if not isinstance(email, str) or not re.fullmatch(r"[^@\s]+@[^@\s]+", email):
         raise _invalid_field("email", "email must look like name@host")
     if not isinstance(password, str) or len(password) < 8:
         raise _invalid_field("password", "password must be at least 8 characters")
@@ -1108,7 +1109,8 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     config = request.app[CONFIG]
     ip = _client_ip(request, config.trusted_proxy_list)
     try:
-        principal = await _authenticate(request) if request.path.startswith(CREDENTIAL_PATHS) else None
+        authenticates = request.path.startswith(CREDENTIAL_PATHS) and request.path != REFRESH_PATH
+        principal = await _authenticate(request) if authenticates else None
     except Unauthorized:
         _charge_rate_limit(request, f"ip:{ip}", config.rate_limit)
         raise
@@ -1850,7 +1852,7 @@ def create_app(config: Config) -> web.Application:
     routes = [
         web.post("/api/auth/login", login),
         web.post("/api/auth/logout", logout),
-        web.post("/api/auth/refresh", refresh),
+        web.post(REFRESH_PATH, refresh),
         web.get("/api/auth/me", whoami),
         web.get("/api/users", list_users),
         web.post("/api/users", add_user),

@@ -36,14 +36,14 @@ def login(server: ServerProcess, email: str = ADMIN_EMAIL, password: str = ADMIN
 
 
 def test_readme_curl_workflows_run_against_a_real_server(dispatch_server, tmp_path):
-    setup, client, worker = readme_bash_blocks()
-    script = "\n".join([setup, client, worker])
+    setup, client, worker, cancel = readme_bash_blocks()
+    script = "\n".join([setup, client, worker, 'echo "JOB_ID=$JOB_ID"', cancel])
     script = script.replace("http://localhost:3000", dispatch_server.url)
     script = re.sub(r"EMAIL=\S+ PASSWORD='[^']*'", f"EMAIL={ADMIN_EMAIL} PASSWORD='{ADMIN_PASSWORD}'", script)
     script = re.sub(r"REGISTRATION_TOKEN='[^']*'", f"REGISTRATION_TOKEN='{REGISTRATION_TOKEN}'", script)
     (tmp_path / "project.zip").write_bytes(make_zip({"project/README": "hello\n"}))
 
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script + '\necho "JOB_ID=$JOB_ID"'],
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script],
                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
     assert run.returncode == 0, run.stdout + run.stderr
@@ -57,6 +57,10 @@ def test_readme_curl_workflows_run_against_a_real_server(dispatch_server, tmp_pa
     assert (job["status"], job["exitCode"], job["workerId"]) == ("completed", 0, "worker-001")
     assert job["stdout"] == "test line\ntests passed"
     assert job["command"] == "ls -R"
+    cancelled = json.loads(run.stdout[run.stdout.rindex("{"):])  # the cancel block's answer, last
+    assert cancelled["status"] == "cancelled"
+    _, answer = http(dispatch_server, "GET", f"/api/jobs/status?jobId={cancelled['jobId']}", token=login(dispatch_server))
+    assert (answer["job"]["command"], answer["job"]["status"]) == ("sleep 600", "cancelled")
 
 
 def test_first_start_prints_token_admin_and_agent_command(tmp_path, server_env):
