@@ -56,6 +56,7 @@ import aiosqlite
 import bcrypt
 import jwt
 from aiohttp import WSCloseCode, web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 log = logging.getLogger("dispatch")
@@ -66,6 +67,11 @@ access_log = logging.getLogger("dispatch.access")
 # ============================================================================
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+PAGE_PATH = Path(__file__).with_name("dispatch.html")
+# The page needs nothing from elsewhere, so it may load nothing from elsewhere.
+PAGE_SECURITY_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+                        "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
+                        "form-action 'self'")
 SCHEMA_VERSION = 1
 
 TOKEN_LIFETIME = dt.timedelta(hours=24)
@@ -793,8 +799,8 @@ def _upload_url(file_id: str, name: str) -> str:
     return f"/uploads/{file_id}/{urllib.parse.quote(name)}"
 
 
-def _file_id_from_url(url: Any, allowed_hosts: set[str]) -> str:
-    """The file id in a URL this server handed out for an upload, or InvalidRequest."""
+def _parse_upload_url(url: Any, allowed_hosts: set[str]) -> tuple[str, str]:
+    """(file id, name) from a URL this server handed out for an upload, or InvalidRequest."""
     if not isinstance(url, str):
         raise _invalid_field("fileUrl", "fileUrl must be a string")
     parsed = urllib.parse.urlsplit(url)
@@ -804,7 +810,7 @@ def _file_id_from_url(url: Any, allowed_hosts: set[str]) -> str:
     if not match or foreign or parsed.query or parsed.fragment:
         raise _invalid_field("fileUrl", "fileUrl must be an upload URL from /api/files/upload "
                                         "(/uploads/<fileId>/<name>)")
-    return match.group(1)
+    return match.group(1), urllib.parse.unquote(match.group(2))
 
 
 def _safe_filename(name: str | None) -> str:
@@ -1023,6 +1029,14 @@ def _origin_of(request: web.Request) -> str | None:
     return origin
 
 
+def _refuse_cross_origin_change(request: web.Request) -> None:
+    """A cookie rides along on any request a browser makes, so a state change it authenticates must
+    come from our own page (or a listed origin). No Origin or Referer at all means not a browser."""
+    origin = _origin_of(request)
+    if request.method in STATE_CHANGING_METHODS and origin is not None and not _is_allowed_origin(request, origin):
+        raise Forbidden("Cross-origin request refused", code="CROSS_ORIGIN")
+
+
 def _is_allowed_origin(request: web.Request, origin: str) -> bool:
     same = f"{request.scheme}://{request.host}"
     return origin.rstrip("/") in (same, *request.app[CONFIG].cors_origin_list)
@@ -1087,8 +1101,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         error = exc
     except web.HTTPNotFound:
         error = NotFound(f"No route for {request.method} {request.path}", code="ROUTE_NOT_FOUND")
-    except web.HTTPMethodNotAllowed:
-        error = MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.path}",
+                                 headers={"Allow": ", ".join(sorted(exc.allowed_methods))})
     except web.HTTPRequestEntityTooLarge:
         error = PayloadTooLarge(f"Request body exceeds {MAX_REQUEST_BODY // (1024 * 1024)} MB")
     except (aiosqlite.OperationalError, aiosqlite.DatabaseError) as exc:
@@ -1120,10 +1135,8 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
         _charge_rate_limit(request, f"worker:{principal.id}", config.worker_rate_limit)
     else:
         _charge_rate_limit(request, f"user:{principal.id}", config.rate_limit)
-    if principal is not None and principal.via_cookie and request.method in STATE_CHANGING_METHODS:
-        origin = _origin_of(request)
-        if origin is not None and not _is_allowed_origin(request, origin):
-            raise Forbidden("Cross-origin request refused", code="CROSS_ORIGIN")
+    if principal is not None and principal.via_cookie:
+        _refuse_cross_origin_change(request)
     request[PRINCIPAL] = principal
     return await handler(request)
 
@@ -1170,10 +1183,11 @@ def _page(request: web.Request, sort_columns: dict[str, str], default_sort: str,
     limit = _query_int(query, "limit", 100, 1, 1000)
     offset = _query_int(query, "offset", 0, 0, 2**53)
     sort = query.get("sort", default_sort)
-    column = sort_columns.get(sort.lstrip("-"))
+    descending = sort.startswith("-")
+    column = sort_columns.get(sort[1:] if descending else sort)
     if column is None:
         raise _invalid_field("sort", f"sort must be one of {', '.join(sort_columns)} (prefix - for descending)")
-    direction = "DESC" if sort.startswith("-") else "ASC"
+    direction = "DESC" if descending else "ASC"
     return {"limit": limit, "offset": offset, "order": f"{column} {direction}, {tiebreak} {direction}"}
 
 
@@ -1226,7 +1240,10 @@ async def logout(request: web.Request) -> web.Response:
 
 async def refresh(request: web.Request) -> web.Response:
     """Swap a (possibly expired) unrevoked token for a new one; the old one is revoked."""
-    token = _bearer(request) or request.cookies.get("auth_token")
+    token = _bearer(request)
+    if token is None and "auth_token" in request.cookies:
+        _refuse_cross_origin_change(request)
+        token = request.cookies["auth_token"]
     if token is None:
         raise Unauthorized("Authentication required")
     claims = request.app[TOKENS].decode(token, allow_expired_for=REFRESH_GRACE)
@@ -1396,11 +1413,10 @@ async def submit_job(request: web.Request) -> web.Response:
         raise _invalid_field("priority", "priority must be low, normal or high")
     file_id = file_name = None
     if body.get("fileUrl") not in (None, ""):
-        file_id = _file_id_from_url(body["fileUrl"], _allowed_upload_hosts(request))
+        file_id, file_name = _parse_upload_url(body["fileUrl"], _allowed_upload_hosts(request))
         record = await store.get_file(file_id)
-        if record is None or not _file_is_readable_by(principal, record):
+        if record is None or record["name"] != file_name or not _file_is_readable_by(principal, record):
             raise _invalid_field("fileUrl", "fileUrl names no file you uploaded (or it has expired)")
-        file_name = record["name"]
     job = await store.insert_job({
         "id": _new_id("job"), "command": command, "file_id": file_id, "file_name": file_name,
         "working_directory": _validate_working_directory(body.get("workingDirectory")),
@@ -1637,6 +1653,15 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
 # -- operations -----------------------------------------------------------------
 
 
+async def page(request: web.Request) -> web.FileResponse:
+    """The web page: one self-contained file, no build step, nothing loaded from elsewhere."""
+    return web.FileResponse(PAGE_PATH, headers={
+        "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache",
+        "Content-Security-Policy": PAGE_SECURITY_POLICY, "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin"})
+
+
+
 async def health(request: web.Request) -> web.Response:
     """For monitors, without auth: 200 while the database takes writes, 503 otherwise."""
     app = request.app
@@ -1672,47 +1697,56 @@ def _is_loopback(address: str | None) -> bool:
 
 
 async def upload_file(request: web.Request) -> web.Response:
-    """Stream a multipart ``file`` to disk, never whole in memory; over the limit, nothing is kept."""
+    """Stream a multipart ``file`` to disk, never whole in memory. Over the limit, cut short or
+    malformed, it is refused and nothing is kept."""
     principal = _user(request)
     config = request.app[CONFIG]
     limit = config.max_upload_mb * 1024 * 1024
-    too_large = InvalidFile(f"File size exceeds {config.max_upload_mb}MB limit", code="FILE_TOO_LARGE")
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
-        raise too_large
-    try:
-        reader = await request.multipart()
-    except (AssertionError, ValueError, KeyError):
-        raise InvalidFile("Expected multipart/form-data with a 'file' field", code="MISSING_FILE") from None
-    field = await _next_file_field(reader)
+        raise _too_large(config)
+    file_id = _new_id("file")
+    uploads = config.data_path / "uploads"
+    partial = uploads / f".{file_id}.partial"
     # aiohttp reads no more request bodies once shutdown begins, so a stop abandons this upload
     uploading = request.app[UPLOADS_IN_PROGRESS]
     uploading.add(asyncio.current_task())
-    file_id = _new_id("file")
-    name = _safe_filename(field.filename)
-    uploads = config.data_path / "uploads"
-    partial = uploads / f".{file_id}.partial"
-    digest, size = hashlib.sha256(), 0
     try:
-        with open(partial, "wb") as out:
-            while chunk := await field.read_chunk(256 * 1024):
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                digest.update(chunk)
-                out.write(chunk)
+        name, size, sha256 = await _receive_upload(request, partial, config)
         (uploads / file_id).mkdir()
         partial.rename(uploads / file_id / name)
+    except (ValueError, AssertionError, KeyError, HttpProcessingError):
+        raise InvalidFile("Expected multipart/form-data with a 'file' field", code="MALFORMED_UPLOAD") from None
     finally:
         uploading.discard(asyncio.current_task())
         partial.unlink(missing_ok=True)
     now = _utcnow()
-    record = {"id": file_id, "name": name, "size": size, "sha256": digest.hexdigest(), "owner_id": principal.id,
+    record = {"id": file_id, "name": name, "size": size, "sha256": sha256, "owner_id": principal.id,
               "uploaded_at": _iso(now), "expires_at": _iso(now + dt.timedelta(days=config.file_ttl_days))}
     await request.app[STORE].insert_file(record)
     request.app[METRICS].upload_bytes.inc(size)
-    return _json({"success": True, "fileId": file_id, "filename": name, "size": size, "sha256": record["sha256"],
+    return _json({"success": True, "fileId": file_id, "filename": name, "size": size, "sha256": sha256,
                   "uploadedAt": record["uploaded_at"], "url": _upload_url(file_id, name),
                   "expiresAt": record["expires_at"]}, status=201)
+
+
+def _too_large(config: Config) -> InvalidFile:
+    return InvalidFile(f"File size exceeds {config.max_upload_mb}MB limit", code="FILE_TOO_LARGE")
+
+
+async def _receive_upload(request: web.Request, partial: Path, config: Config) -> tuple[str, int, str]:
+    """Write the form field ``file`` to ``partial``; returns (clean name, size, sha256)."""
+    field = await _next_file_field(await request.multipart())
+    digest, size = hashlib.sha256(), 0
+    with open(partial, "wb") as out:
+        while chunk := await field.read_chunk(256 * 1024):
+            size += len(chunk)
+            if size > config.max_upload_mb * 1024 * 1024:
+                raise _too_large(config)
+            digest.update(chunk)
+            out.write(chunk)
+    if not field.at_eof():  # the body ended inside the file: keeping it would keep a truncated zip
+        raise InvalidFile("The upload ended before the file did", code="TRUNCATED_UPLOAD")
+    return _safe_filename(field.filename), size, digest.hexdigest()
 
 
 async def _next_file_field(reader) -> Any:
@@ -1872,6 +1906,7 @@ def create_app(config: Config) -> web.Application:
         web.post("/api/files/upload", upload_file),
         web.get("/api/files/download/{file_id}", download_file),
         web.get("/uploads/{file_id}/{name}", download_file),
+        web.get("/", page),
         web.get("/api/health", health),
         web.get("/metrics", metrics),
     ]

@@ -24,7 +24,6 @@ CREATE TABLE IF NOT EXISTS workers (
     metadata        TEXT NOT NULL DEFAULT '{}',
     tags            TEXT NOT NULL DEFAULT '[]',
     reported_status TEXT NOT NULL DEFAULT 'idle',
-    current_job_id  TEXT,
     jobs_completed  INTEGER NOT NULL DEFAULT 0,
     registered_at   TEXT NOT NULL,
     last_heartbeat  TEXT NOT NULL
