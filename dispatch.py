@@ -29,6 +29,7 @@ __all__ = ["Config", "DispatchError", "JobState", "create_app", "main"]
 import argparse
 import asyncio
 import dataclasses
+import functools
 import datetime as dt
 import getpass
 import hashlib
@@ -47,6 +48,7 @@ import sys
 import time
 import urllib.parse
 import uuid
+import weakref
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -444,7 +446,8 @@ class Store:
     # A worker's status and current job are derived, never stored: offline once its heartbeat is
     # older than the cutoff, its current job the one it holds.
     _WORKER_VIEW = """
-        SELECT w.*,
+        SELECT w.id, w.hostname, w.cpu_count, w.total_memory_mb, w.metadata, w.tags, w.reported_status,
+               w.jobs_completed, w.registered_at, w.last_heartbeat,
                CASE WHEN w.last_heartbeat < :cutoff THEN 'offline'
                     WHEN w.reported_status = 'error' THEN 'error'
                     ELSE 'online' END AS status,
@@ -725,8 +728,11 @@ async def _check_password(password: str, password_hash: str) -> bool:
     return await asyncio.to_thread(bcrypt.checkpw, password.encode(), password_hash.encode())
 
 
-# A fixed hash to check against when the email is unknown, so both cases take the same time.
-_DUMMY_PASSWORD_HASH = bcrypt.hashpw(b"dispatch", bcrypt.gensalt(rounds=12)).decode()
+@functools.cache
+def _dummy_password_hash(rounds: int) -> str:
+    """A hash to check against when the email is unknown, at the cost real hashes have, so an
+    unknown email and a wrong password take the same time."""
+    return bcrypt.hashpw(b"dispatch", bcrypt.gensalt(rounds=rounds)).decode()
 
 
 async def create_user(store: Store, email: str, password: str, role: str, rounds: int) -> dict:
@@ -1215,7 +1221,8 @@ async def login(request: web.Request) -> web.Response:
     if not isinstance(password, str) or not password:
         raise _invalid_field("password", "password is required")
     user = await request.app[STORE].user_by_email(email)
-    valid = await _check_password(password, user["password_hash"] if user else _DUMMY_PASSWORD_HASH)
+    dummy = None if user else await asyncio.to_thread(_dummy_password_hash, request.app[CONFIG].bcrypt_rounds)
+    valid = await _check_password(password, user["password_hash"] if user else dummy)
     if user is None or not valid:
         raise InvalidCredentials("Email or password incorrect")
     return _token_response(request, user, {"user": {"id": user["id"], "email": user["email"], "role": user["role"]},
@@ -1305,8 +1312,9 @@ async def register_worker(request: web.Request) -> web.Response:
         raise Forbidden("Only the registration token or an admin may register workers")
     body = await _json_body(request)
     worker_id = _require_string(body, "workerId", max_length=128)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", worker_id):
-        raise _invalid_field("workerId", "workerId may contain only letters, digits, '.', '_' and '-'")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", worker_id) or worker_id == "list":
+        raise _invalid_field("workerId", "workerId may contain only letters, digits, '.', '_' and '-' "
+                                         "(and may not be 'list')")
     hostname = _require_string(body, "hostname", max_length=255)
     cpu_count = _optional_int(body, "cpuCount", minimum=1, maximum=100_000)
     memory = _optional_int(body, "totalMemoryMb", minimum=0, maximum=2**40)
@@ -1363,7 +1371,7 @@ async def list_workers(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status not in (None, "online", "offline", "error"):
         raise _invalid_field("status", "status must be online, offline or error")
-    tags = [t for t in request.query.get("tags", "").split(",") if t]
+    tags = [t.strip() for t in request.query.get("tags", "").split(",") if t.strip()]
     total, rows = await request.app[STORE].list_workers(
         cutoff=_heartbeat_cutoff(request.app[CONFIG]), status=status, tags=tags, **page)
     return _json({"success": True, "total": total, "limit": page["limit"], "offset": page["offset"],
@@ -1526,10 +1534,19 @@ def _query_float(query, name: str, default: float, minimum: float, maximum: floa
     return value
 
 
+def _job_lock(app: web.Application, job_id: str) -> asyncio.Lock:
+    """One lock per job for its worker's writes: check-then-append-then-finish is several
+    statements, and a second result or chunk must not slip in between them."""
+    locks = app[JOB_LOCKS]
+    lock = locks.get(job_id)
+    if lock is None:
+        lock = locks[job_id] = asyncio.Lock()
+    return lock
+
+
 async def _held_job(request: web.Request, worker: Principal, body: dict) -> tuple[dict, int]:
     """The running job named in the body and the attempt the worker holds, or 404/409."""
-    job_id = _require_string(body, "jobId", max_length=128)
-    job = await request.app[STORE].get_job(job_id)
+    job = await request.app[STORE].get_job(body["jobId"])
     if job is None:
         raise NotFound("Job not found")
     attempt = _optional_int(body, "attempt", minimum=1)
@@ -1537,6 +1554,15 @@ async def _held_job(request: web.Request, worker: Principal, body: dict) -> tupl
         raise Conflict("This worker does not hold the job (it finished, was cancelled or was reassigned)",
                        code="NOT_JOB_HOLDER")
     return job, job["attempt"]
+
+
+async def _record_output(app: web.Application, job: dict, worker_id: str, attempt: int, stream: str,
+                         data: str) -> None:
+    if data:
+        cap = app[CONFIG].max_output_mb * 1024 * 1024
+        if not await app[STORE].append_output(job["id"], worker_id, attempt, stream, data, cap):
+            raise Conflict("This worker does not hold the job", code="NOT_JOB_HOLDER")
+        app[HUB].publish({"type": "job.output", "jobId": job["id"], "stream": stream, "data": data})
 
 
 def _output_field(body: dict, field: str) -> str:
@@ -1549,23 +1575,23 @@ def _output_field(body: dict, field: str) -> str:
 
 
 async def stream_output(request: web.Request) -> web.Response:
+    """Append a chunk of output. An empty chunk is a keep-alive: its 409 tells the worker the job
+    is no longer its own (cancelled, or given to another attempt)."""
     worker = _worker(request)
     body = await _json_body(request)
+    job_id = _require_string(body, "jobId", max_length=128)
     stream = body.get("type", "stdout")
     if stream not in ("stdout", "stderr"):
         raise _invalid_field("type", "type must be stdout or stderr")
     if not isinstance(body.get("data"), str):
         raise _invalid_field("data", "data is required (a string)")
     progress = _optional_int(body, "progress", minimum=0, maximum=100)
-    job, attempt = await _held_job(request, worker, body)
-    store = request.app[STORE]
-    cap = request.app[CONFIG].max_output_mb * 1024 * 1024
-    if body["data"] and not await store.append_output(job["id"], worker.id, attempt, stream, body["data"], cap):
-        raise Conflict("This worker does not hold the job", code="NOT_JOB_HOLDER")
-    if progress is not None:
-        await store.set_progress(job["id"], progress)
-    if body["data"]:
-        request.app[HUB].publish({"type": "job.output", "jobId": job["id"], "stream": stream, "data": body["data"]})
+    app = request.app
+    async with _job_lock(app, job_id):
+        job, attempt = await _held_job(request, worker, body)
+        await _record_output(app, job, worker.id, attempt, stream, body["data"])
+        if progress is not None:
+            await app[STORE].set_progress(job_id, progress)
     return _json({"success": True, "received": True})
 
 
@@ -1573,6 +1599,7 @@ async def submit_result(request: web.Request) -> web.Response:
     """The worker's final word on its attempt. stdout/stderr here are appended to what was streamed."""
     worker = _worker(request)
     body = await _json_body(request)
+    job_id = _require_string(body, "jobId", max_length=128)
     if body.get("workerId") not in (None, worker.id):
         raise Forbidden("workerId does not match the worker token")
     exit_code = body.get("exitCode")
@@ -1582,28 +1609,26 @@ async def submit_result(request: web.Request) -> web.Response:
     error = body.get("error")
     if error is not None and not isinstance(error, str):
         raise _invalid_field("error", "error must be a string")
-    job, attempt = await _held_job(request, worker, body)
     app = request.app
-    store, hub = app[STORE], app[HUB]
-    cap = app[CONFIG].max_output_mb * 1024 * 1024
-    for stream, data in (("stdout", stdout), ("stderr", stderr)):
-        if data:
-            await store.append_output(job["id"], worker.id, attempt, stream, data, cap)
-            hub.publish({"type": "job.output", "jobId": job["id"], "stream": stream, "data": data})
-    if exit_code == 0:
-        finished = await store.finish_job(job["id"], worker.id, attempt, status=JobState.COMPLETED.value,
-                                          exit_code=0, error=None, now=_iso(_utcnow()))
-    elif job["retried"] < job["retries"]:
-        reason = f"attempt {attempt} exited with code {exit_code}; retrying"
-        finished = await store.requeue_for_retry(job["id"], worker.id, attempt, exit_code=exit_code, error=reason)
-    else:
-        finished = await store.finish_job(job["id"], worker.id, attempt, status=JobState.FAILED.value,
-                                          exit_code=exit_code, error=error or f"exited with code {exit_code}",
-                                          now=_iso(_utcnow()))
-    if finished is None:
+    store = app[STORE]
+    async with _job_lock(app, job_id):
+        job, attempt = await _held_job(request, worker, body)
+        await _record_output(app, job, worker.id, attempt, "stdout", stdout)
+        await _record_output(app, job, worker.id, attempt, "stderr", stderr)
+        if exit_code == 0:
+            finished = await store.finish_job(job_id, worker.id, attempt, status=JobState.COMPLETED.value,
+                                              exit_code=0, error=None, now=_iso(_utcnow()))
+        elif job["retried"] < job["retries"]:
+            reason = f"attempt {attempt} exited with code {exit_code}; retrying"
+            finished = await store.requeue_for_retry(job_id, worker.id, attempt, exit_code=exit_code, error=reason)
+        else:
+            finished = await store.finish_job(job_id, worker.id, attempt, status=JobState.FAILED.value,
+                                              exit_code=exit_code, error=error or f"exited with code {exit_code}",
+                                              now=_iso(_utcnow()))
+    if finished is None:  # cancelled or lost between the check and the write
         raise Conflict("This worker does not hold the job", code="NOT_JOB_HOLDER")
     announce(app, finished)
-    return _json({"success": True, "message": "Result saved", "jobId": job["id"]})
+    return _json({"success": True, "message": "Result saved", "jobId": job_id})
 
 
 async def cancel_job(request: web.Request) -> web.Response:
@@ -1618,7 +1643,8 @@ async def cancel_job(request: web.Request) -> web.Response:
         raise NotFound("Job not found")
     if job["submitted_by"] != principal.id and not principal.is_admin:
         raise Forbidden("Only the submitter or an admin may cancel a job")
-    cancelled = await store.cancel_job(job_id, f"cancelled by {principal.email}", _iso(_utcnow()))
+    async with _job_lock(request.app, job_id):  # not between a worker's final chunk and its result
+        cancelled = await store.cancel_job(job_id, f"cancelled by {principal.email}", _iso(_utcnow()))
     if cancelled is None:
         raise Conflict(f"Job already {job['status']}", code="JOB_FINISHED")
     announce(request.app, cancelled)
@@ -1794,6 +1820,7 @@ RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", float)
 UPLOADS_IN_PROGRESS = web.AppKey("uploads_in_progress", set)
+JOB_LOCKS = web.AppKey("job_locks", weakref.WeakValueDictionary)
 PRINCIPAL = web.RequestKey("principal", object)  # Principal, or None for an anonymous caller
 RATE_HEADERS = web.RequestKey("rate_headers", dict)
 
@@ -1880,6 +1907,7 @@ def create_app(config: Config) -> web.Application:
     app[METRICS].websocket_clients.set_function(lambda: app[HUB].client_count)
     app[STARTED] = time.monotonic()
     app[UPLOADS_IN_PROGRESS] = set()
+    app[JOB_LOCKS] = weakref.WeakValueDictionary()
     app.cleanup_ctx.extend([_storage_ctx, _sweeper_ctx])
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(_add_rate_limit_headers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import dispatch  # noqa: E402
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "admin-password"
 REGISTRATION_TOKEN = "registration-token-for-tests"
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")  # the API's one timestamp format
 
 
 def make_zip(files: dict[str, str | bytes]) -> bytes:
@@ -58,6 +60,10 @@ class Api:
         if worker is not None:
             headers["x-worker-token"] = worker
         return await self.client.request(method, path, json=json, data=data, headers=headers, params=params)
+
+    def forget_cookies(self) -> None:
+        """Login leaves an auth_token cookie in the client; a test of another credential drops it."""
+        self.client.session.cookie_jar.clear()
 
     async def login(self, email: str, password: str) -> str:
         response = await self.call("POST", "/api/auth/login", json={"email": email, "password": password})

@@ -104,7 +104,7 @@ async def test_permission_matrix(api, config, name, method, path, body, expected
     me = await (await api.call("GET", "/api/auth/me", token=world.owner)).json()
     path = path.format(job=world.job_id, file=world.file_id, url=world.url, owner_id=me["user"]["id"])
     got = {}
-    api.client.session.cookie_jar.clear()  # every caller brings only its own credentials
+    api.forget_cookies()  # every caller brings only its own credentials
     for caller in expected:
         kwargs = {}
         if body == "file":

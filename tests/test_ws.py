@@ -1,0 +1,241 @@
+"""The WebSocket of job events: what it sends and in which order, narrowing to one job, who may
+connect, and that a client that never reads slows nobody else."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import time
+
+import aiohttp
+import pytest
+
+from conftest import REGISTRATION_TOKEN, Api
+
+STREAM = "/api/jobs/stream"
+
+
+
+async def connect(api: Api, token: str | None, path: str = STREAM, **headers: str):
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return await api.client.ws_connect(path, headers=headers)
+
+
+async def next_event(ws, timeout: float = 2.0) -> dict:
+    message = await asyncio.wait_for(ws.receive(), timeout)
+    assert message.type == aiohttp.WSMsgType.TEXT, message
+    return json.loads(message.data)
+
+
+async def events_until(ws, done, timeout: float = 5.0) -> list[dict]:
+    """Events until ``done(event)`` is true for one of them (that one included)."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not events or not done(events[-1]):
+        events.append(await next_event(ws, max(0.01, deadline - time.monotonic())))
+    return events
+
+
+async def no_event_within(ws, seconds: float) -> bool:
+    try:
+        message = await asyncio.wait_for(ws.receive(), seconds)
+    except asyncio.TimeoutError:
+        return True
+    raise AssertionError(f"unexpected message: {message}")
+
+
+async def run_job(api: Api, admin: str, worker: str, job_id: str, lines: list[str], exit_code: int = 0) -> None:
+    for line in lines:
+        response = await api.call("POST", "/api/jobs/stream-output", worker=worker,
+                                  json={"jobId": job_id, "data": line, "type": "stdout"})
+        assert response.status == 200
+    response = await api.call("POST", "/api/jobs/submit-result", worker=worker,
+                              json={"jobId": job_id, "exitCode": exit_code})
+    assert response.status == 200
+
+
+# -- what it sends --------------------------------------------------------------
+
+
+async def test_a_job_run_through_the_api_is_announced_in_order(api):
+    admin = await api.admin()
+    worker = await api.register()
+    ws = await connect(api, admin)
+
+    job_id = await api.submit(admin, "npm test")
+    assert (await api.claim(worker))["jobId"] == job_id
+    await run_job(api, admin, worker, job_id, ["test line 1\n", "test line 2\n"])
+    events = await events_until(ws, lambda e: e["type"] == "job.completed")
+
+    assert [e["type"] for e in events] == ["job.queued", "job.started", "job.output", "job.output", "job.completed"]
+    assert {e["jobId"] for e in events} == {job_id}
+    assert [e["data"] for e in events if e["type"] == "job.output"] == ["test line 1\n", "test line 2\n"]
+    assert events[-1]["exitCode"] == 0
+    await ws.close()
+
+
+async def test_a_failed_job_is_announced_with_its_exit_code(api):
+    admin = await api.admin()
+    worker = await api.register()
+    ws = await connect(api, admin)
+
+    job_id = await api.submit(admin, "false")
+    await api.claim(worker)
+    await run_job(api, admin, worker, job_id, [], exit_code=3)
+    events = await events_until(ws, lambda e: e["type"] == "job.completed")
+
+    assert [e["type"] for e in events] == ["job.queued", "job.started", "job.completed"]
+    assert (events[-1]["jobId"], events[-1]["exitCode"]) == (job_id, 3)
+    await ws.close()
+
+
+async def test_the_result_output_is_announced_before_the_completion(api):
+    admin = await api.admin()
+    worker = await api.register()
+    job_id = await api.submit(admin, "make")
+    await api.claim(worker)
+    ws = await connect(api, admin)
+
+    await api.call("POST", "/api/jobs/submit-result", worker=worker,
+                   json={"jobId": job_id, "exitCode": 0, "stdout": "built\n"})
+    events = await events_until(ws, lambda e: e["type"] == "job.completed")
+
+    assert [(e["type"], e.get("data")) for e in events] == [("job.output", "built\n"), ("job.completed", None)]
+    await ws.close()
+
+
+async def test_job_id_narrows_the_stream_to_one_job(api):
+    admin = await api.admin()
+    worker = await api.register()
+    watched = await api.submit(admin, "watched")
+    other = await api.submit(admin, "other")
+    narrow = await connect(api, admin, f"{STREAM}?jobId={watched}")
+    everything = await connect(api, admin)
+
+    for _ in range(2):
+        await api.claim(worker)
+    await run_job(api, admin, worker, other, ["other output\n"])
+    await run_job(api, admin, worker, watched, ["watched output\n"])
+    late = await api.submit(admin, "late")  # after the watched job finished
+
+    narrow_events = await events_until(narrow, lambda e: e["type"] == "job.completed")
+    all_events = await events_until(everything, lambda e: e["jobId"] == late)
+
+    assert {e["jobId"] for e in narrow_events} == {watched}
+    assert [e["type"] for e in narrow_events] == ["job.started", "job.output", "job.completed"]
+    assert {e["jobId"] for e in all_events} == {watched, other, late}
+    assert await no_event_within(narrow, 0.2)
+    await narrow.close()
+    await everything.close()
+
+
+# -- who may connect ------------------------------------------------------------
+
+
+async def test_the_auth_cookie_from_the_same_origin_may_connect(api):
+    admin = await api.admin()  # leaves the cookie in the jar
+
+    ws = await connect(api, None, Origin=f"http://{api.client.host}:{api.client.port}")
+    job_id = await api.submit(admin)
+
+    assert (await next_event(ws))["jobId"] == job_id
+    await ws.close()
+
+
+@pytest.mark.parametrize("credentials, expected", [
+    (None, 401), ("not-a-jwt", 401), ("REGISTRATION", 401), ("WORKER", 403)])
+async def test_an_upgrade_without_user_credentials_is_refused(api, credentials, expected):
+    worker = await api.register()
+    api.forget_cookies()
+    headers = {}
+    if credentials == "WORKER":
+        headers["x-worker-token"] = worker
+    elif credentials == "REGISTRATION":
+        headers["Authorization"] = f"Bearer {REGISTRATION_TOKEN}"
+    elif credentials:
+        headers["Authorization"] = f"Bearer {credentials}"
+
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await api.client.ws_connect(STREAM, headers=headers)
+
+    assert refused.value.status == expected
+
+
+@pytest.mark.parametrize("via", ["bearer", "cookie"])
+async def test_a_foreign_origin_is_refused(api, via):
+    admin = await api.admin()
+    if via == "bearer":
+        api.forget_cookies()
+    token = admin if via == "bearer" else None
+
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await connect(api, token, Origin="http://evil.example")
+
+    assert refused.value.status == 403
+
+
+# -- a client that never reads --------------------------------------------------
+
+
+async def open_silent_client(api: Api, token: str):
+    """A WebSocket client that completes the handshake and then never reads a byte, with a tiny
+    receive buffer so the server's sends back up quickly."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (api.client.host, api.client.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**16)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write((f"GET {STREAM} HTTP/1.1\r\nHost: {api.client.host}:{api.client.port}\r\n"
+                  f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n").encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return writer
+
+
+async def test_a_client_that_never_reads_blocks_neither_other_clients_nor_the_api(api):
+    admin = await api.admin()
+    worker = await api.register()
+    job_id = await api.submit(admin, "chatty")
+    await api.claim(worker)
+    silent = await open_silent_client(api, admin)
+    listener = await connect(api, admin)
+    chunk = "x" * (32 * 1024)
+    count = 300  # ~10 MB: far more than the silent client's socket buffers hold
+
+    received: list[dict] = []
+
+    async def listen() -> None:
+        while len(received) < count:
+            event = await next_event(listener, timeout=5)
+            if event["type"] == "job.output":
+                received.append(event)
+
+    listening = asyncio.ensure_future(listen())
+    started = time.monotonic()
+    slowest = 0.0
+    try:
+        for n in range(count):
+            sent = time.monotonic()
+            response = await asyncio.wait_for(
+                api.call("POST", "/api/jobs/stream-output", worker=worker,
+                         json={"jobId": job_id, "data": f"{n:05d}" + chunk, "type": "stdout"}), 5)
+            assert response.status == 200
+            slowest = max(slowest, time.monotonic() - sent)
+        await asyncio.wait_for(listening, 10)
+        health = await asyncio.wait_for(api.call("GET", "/api/health"), 2)
+    finally:
+        listening.cancel()
+        silent.close()
+        await listener.close()
+
+    assert health.status == 200
+    assert [int(e["data"][:5]) for e in received] == list(range(count))
+    assert slowest < 1.0
+    assert time.monotonic() - started < 15
