@@ -1,0 +1,1408 @@
+#!/usr/bin/env python3
+"""dispatch agent: makes this computer a worker of a dispatch server.
+
+Copy this one file onto a desktop with Python 3.9+ (standard library only) and run:
+
+    python agent.py --server http://lanbox:3000 --token <registration token>
+
+The agent registers (its worker token is kept in the work dir and reused after a restart),
+long-polls the server for jobs, runs each job's command in a fresh directory holding the job's
+input (a zip is extracted safely), streams the output, kills the whole process tree past the
+job's timeout, and reports the exit code. A result waits on disk until the server takes it.
+First Ctrl-C or SIGTERM: take no new jobs, let running ones finish. Second: kill them and
+report them as failed.
+
+Sections (`grep -n '^# ===' agent.py`): constants, errors, config, HTTP, archive handling,
+process trees, run_job, Agent, main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import contextlib
+import ctypes
+import dataclasses
+import email.utils
+import functools
+import hashlib
+import http.client
+import json
+import logging
+import os
+import platform
+import queue
+import random
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Callable, Optional
+
+__version__ = "0.1.0"
+__all__ = [
+    "Agent",
+    "AgentError",
+    "Config",
+    "JobLost",
+    "JobResult",
+    "JobSetupError",
+    "Refused",
+    "ServerUnavailable",
+    "UnsafeArchive",
+    "extract_zip",
+    "main",
+    "parse_config",
+    "run_job",
+]
+
+log = logging.getLogger("dispatch.agent")
+
+# === constants ===============================================================
+
+_WINDOWS = os.name == "nt"
+
+POLL_WAIT_SECONDS = 30  # how long the server may hold a get-job long-poll
+POLL_FLOOR_SECONDS = 1.0  # an empty answer faster than this (a server ignoring `wait`) is followed by a pause
+HTTP_TIMEOUT_SECONDS = 15  # every other request (a socket timeout: a large download may take longer)
+BACKOFF_BASE_SECONDS = 0.5
+BACKOFF_CAP_SECONDS = 60.0
+HEARTBEAT_DEFAULT_SECONDS = 30.0  # until the server's first nextCheckIn says otherwise
+
+OUTPUT_READ_BYTES = 64 * 1024  # one read from a job's pipe
+OUTPUT_BATCH_CHARS = 64 * 1024  # the most one stream-output request carries
+OUTPUT_FLUSH_SECONDS = 0.2  # output is sent at most this long after it was read
+OUTPUT_PROBE_SECONDS = 1.0  # a silent job still asks this often whether it is ours: how a cancel reaches it
+OUTPUT_QUEUE_ITEMS = 16  # reads waiting to be batched; a full queue makes the reader (and so the job) wait
+OUTPUT_PENDING_CHARS = 1024 * 1024  # output held while the server is slow or down; past it the job's pipe fills
+RESULT_OUTPUT_CHARS = 100_000  # per stream, the most an unsent remainder adds to a result (head and tail kept)
+STEP_SECONDS = 0.05  # how often a running job's state is checked
+STOP_CHECK_SECONDS = 0.2  # how often the main thread looks for a stop request
+
+PIPE_GRACE_SECONDS = 1.5  # after the command exits, how long a background child may keep its pipes open
+KILL_GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL
+LOST_KILL_GRACE_SECONDS = 2.0  # the same for a cancelled job: its tree must be gone within 5 s
+KILL_ROUNDS = 10  # SIGKILL rounds, for processes forked while the tree was being killed
+STOP_GRACE_SECONDS = KILL_GRACE_SECONDS + 2 * HTTP_TIMEOUT_SECONDS  # second stop: kill, spool, send
+
+MAX_ZIP_ENTRIES = 100_000
+MAX_ZIP_BYTES = 4 * 1024**3  # bytes actually written, not what the zip headers claim
+CACHE_MAX_BYTES = 2 * 1024**3
+DOWNLOAD_ATTEMPTS = 4
+DEFAULT_JOB_TIMEOUT_SECONDS = 600  # a job the server sent without a timeout
+
+EXIT_TIMEOUT = 124  # as coreutils `timeout`
+EXIT_SETUP_FAILED = 125  # the job could not be set up: input download, unsafe archive, working directory
+EXIT_STOPPED = 143  # 128 + SIGTERM: the agent was stopped twice while the job ran
+
+MARKER_ENV = "DISPATCH_AGENT_MARK"  # in every job process's environment: "<agent key>/<job key>/"
+STREAMS = ("stdout", "stderr")
+
+# === errors ==================================================================
+
+
+class AgentError(Exception):
+    """Base of the errors the agent raises on purpose."""
+
+
+class ServerUnavailable(AgentError):
+    """The server could not be reached or asked us to wait (network error, 5xx, 429): retry later."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Refused(AgentError):
+    """The server answered with a 4xx other than 429; `status` says which."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class JobSetupError(AgentError):
+    """A job's input or working directory could not be prepared: the job fails without running."""
+
+
+class UnsafeArchive(JobSetupError):
+    """A zip entry would land outside the job directory, is a symlink, or the zip exceeds a cap."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"unsafe archive: {reason}")
+
+
+class JobLost(AgentError):
+    """The server says this worker no longer holds the job (cancelled, finished or reassigned)."""
+
+
+# === config ==================================================================
+
+# (flag, metavar, environment variable, default, help): --help and the README table come from here.
+_SETTINGS = (
+    ("--server", "URL", "DISPATCH_SERVER", None, "the dispatch server, e.g. http://lanbox:3000 (required)"),
+    (
+        "--token",
+        "TOKEN",
+        "DISPATCH_REGISTRATION_TOKEN",
+        None,
+        "the registration token the server prints at start (required; the environment variable "
+        "keeps it out of the process list)",
+    ),
+    ("--worker-id", "ID", "DISPATCH_WORKER_ID", None, "this worker's name on the server (default: the hostname)"),
+    (
+        "--work-dir",
+        "DIR",
+        "DISPATCH_WORK_DIR",
+        "~/.dispatch-agent",
+        "where the agent keeps its worker token, downloads, job directories and unsent results",
+    ),
+    ("--tags", "TAGS", "DISPATCH_TAGS", "", "comma list; a job with tags runs only on a worker that has all of them"),
+    ("--concurrency", "N", "DISPATCH_CONCURRENCY", "1", "how many jobs run at once"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the agent is told at start."""
+
+    server: str
+    token: str
+    worker_id: str
+    work_dir: Path
+    tags: tuple = ()
+    concurrency: int = 1
+    verbose: bool = False
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
+def parse_config(argv: Optional[list] = None, environ: Optional[dict] = None) -> Config:
+    """Read the command line and the environment (flags win); exit with a usage message if invalid."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="agent.py",
+        description="Run jobs from a dispatch server on this computer.",
+        epilog=(
+            "example:\n"
+            "  python agent.py --server http://lanbox:3000 --token <registration token>\n\n"
+            "Flags win over environment variables. Stopping: the first Ctrl-C (or SIGTERM) takes no\n"
+            "new jobs and lets running ones finish; the second kills them and reports them as failed."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for flag, metavar, env, default, help_text in _SETTINGS:
+        kwargs = {"type": _positive_int} if flag == "--concurrency" else {}
+        if default:
+            help_text += f" (default: {default})"
+        parser.add_argument(
+            flag, metavar=metavar, default=environ.get(env, default), help=f"{help_text} [{env}]", **kwargs
+        )
+    parser.add_argument("--verbose", action="store_true", help="log every request and step")
+    parser.add_argument("--version", action="version", version=f"dispatch agent {__version__}")
+    args = parser.parse_args(argv)
+    if not args.server or not re.match(r"https?://[^/]", args.server):
+        parser.error("--server (or DISPATCH_SERVER) must be the server's URL, e.g. http://lanbox:3000")
+    if not args.token:
+        parser.error("--token (or DISPATCH_REGISTRATION_TOKEN) is required: the server prints it at start")
+    return Config(
+        server=args.server.rstrip("/"),
+        token=args.token,
+        worker_id=args.worker_id or socket.gethostname(),
+        work_dir=Path(args.work_dir).expanduser(),
+        tags=tuple(tag.strip() for tag in args.tags.split(",") if tag.strip()),
+        concurrency=args.concurrency,
+        verbose=args.verbose,
+    )
+
+
+# === HTTP ====================================================================
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would carry the worker token to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
+def _request(method, url, *, headers=None, body=None, timeout=HTTP_TIMEOUT_SECONDS, into=None):
+    """Send one request; return (status, parsed JSON body or None) for a 2xx answer.
+
+    With `into` (a binary file) a 2xx body is copied there instead. Raises ServerUnavailable for
+    network errors, 5xx and 429, and Refused for any other answer.
+    """
+    headers = dict(headers or {})
+    data = None
+    if body is not None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    log.debug("%s %s", method, url)
+    try:
+        with _opener.open(req, timeout=timeout) as resp:
+            if into is not None:
+                shutil.copyfileobj(resp, into, 1024 * 1024)
+                return resp.status, None
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as err:
+        message, retry_after = _read_error(err)
+        if err.code == 429 or err.code >= 500:
+            raise ServerUnavailable(f"HTTP {err.code}: {message}", retry_after) from None
+        raise Refused(err.code, message) from None
+    except (OSError, http.client.HTTPException, ValueError) as err:
+        # Refused connections, timeouts, resets, a truncated or non-JSON answer: all "try later".
+        reason = getattr(err, "reason", None) or err  # URLError wraps the socket error
+        raise ServerUnavailable(f"{method} {urllib.parse.urlsplit(url).path} failed: {reason}") from None
+
+
+def _read_error(err: urllib.error.HTTPError) -> tuple:
+    """The message and Retry-After (seconds) of an error answer in the contract's JSON shape."""
+    try:
+        payload = json.loads(err.read(64 * 1024))
+    except (AttributeError, OSError, ValueError, http.client.HTTPException):  # AttributeError: no body
+        payload = None
+    finally:
+        with contextlib.suppress(AttributeError, OSError):
+            err.close()
+    if not isinstance(payload, dict):
+        payload = {}
+    message = str(payload.get("message") or payload.get("error") or err.reason)
+    value = err.headers.get("Retry-After") if err.headers else None
+    value = value or payload.get("retryAfter")
+    try:
+        retry_after = float(value)
+    except (TypeError, ValueError):
+        try:  # the HTTP-date form
+            retry_after = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            retry_after = None
+    if retry_after is not None:
+        retry_after = min(max(retry_after, 0.0), 10 * BACKOFF_CAP_SECONDS)
+    return message, retry_after
+
+
+class _Backoff:
+    """Jittered exponential delays that grow while failures repeat and reset after a success."""
+
+    def __init__(self, base=BACKOFF_BASE_SECONDS, cap=BACKOFF_CAP_SECONDS):
+        self._base = base
+        self._cap = cap
+        self.failures = 0
+
+    def next(self, retry_after: Optional[float] = None) -> float:
+        """The next delay: half fixed, half random (never near zero), at least `retry_after`."""
+        ceiling = min(self._cap, self._base * 2 ** min(self.failures, 30))
+        self.failures += 1
+        return max(ceiling / 2 + random.uniform(0, ceiling / 2), retry_after or 0.0)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def _origin(url: str) -> tuple:
+    parts = urllib.parse.urlsplit(url)
+    default_port = {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
+
+
+# === archive handling ========================================================
+
+
+def _entry_parts(info: zipfile.ZipInfo) -> list:
+    """The path parts of a zip entry; UnsafeArchive for anything that could leave the job directory."""
+    name = info.filename
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise UnsafeArchive(f"entry {name!r} is a symbolic link")
+    if "\\" in name:
+        raise UnsafeArchive(f"entry {name!r} contains a backslash")
+    if name.startswith("/"):
+        raise UnsafeArchive(f"entry {name!r} is an absolute path")
+    if re.match(r"[A-Za-z]:", name):
+        raise UnsafeArchive(f"entry {name!r} starts with a drive letter")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchive(f"entry {name!r} climbs out with '..'")
+    if _WINDOWS and any(":" in part for part in parts):  # an NTFS alternate data stream
+        raise UnsafeArchive(f"entry {name!r} contains ':'")
+    return parts
+
+
+def extract_zip(archive, dest, *, max_entries=MAX_ZIP_ENTRIES, max_bytes=MAX_ZIP_BYTES) -> None:
+    """Extract `archive` into the existing directory `dest`, writing nothing outside it.
+
+    Every entry is checked before anything is written; UnsafeArchive for a hostile entry or past a
+    cap (bytes are counted as written, headers are not trusted), JobSetupError for a broken zip.
+    """
+    dest = Path(dest)
+    root = os.path.abspath(dest) + os.sep
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+            if len(infos) > max_entries:
+                raise UnsafeArchive(f"the zip has {len(infos)} entries, more than the limit of {max_entries}")
+            entries = [(info, _entry_parts(info)) for info in infos]
+            written = 0
+            for info, parts in entries:
+                if not parts:
+                    continue
+                target = dest.joinpath(*parts)
+                # Belt and braces: on Windows abspath also applies the Win32 renames ("a. " -> "a").
+                if not os.path.abspath(target).startswith(root):
+                    raise UnsafeArchive(f"entry {info.filename!r} lands outside the job directory")
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "xb") as out:
+                    while True:
+                        chunk = src.read(1024 * 1024)
+                        if not chunk:
+                            break
+                        written += len(chunk)
+                        if written > max_bytes:
+                            raise UnsafeArchive(f"the zip expands to more than the limit of {max_bytes} bytes")
+                        out.write(chunk)
+                if not _WINDOWS and (info.external_attr >> 16) & 0o111:
+                    target.chmod(target.stat().st_mode | 0o111)  # keep scripts like ./gradlew runnable
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError) as err:
+        # RuntimeError: an encrypted entry; OSError: e.g. a file and a directory of the same name.
+        raise JobSetupError(f"could not extract the zip: {err}") from None
+
+
+def _input_name(url: str) -> str:
+    """A safe file name for a downloaded input, from the last part of its URL."""
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".")
+    return name or "input"
+
+
+def _place_input(path: Path, name: str, job_dir: Path) -> None:
+    """Put a job's input into its directory: a .zip is extracted, anything else copied as it is."""
+    if name.lower().endswith(".zip"):
+        extract_zip(path, job_dir)
+    else:
+        shutil.copyfile(path, job_dir / name)
+
+
+def _working_dir(root: Path, relative: Optional[str]) -> Path:
+    """The job's working directory: `relative` inside `root`, which it may not leave."""
+    base = root.resolve()
+    if not relative:
+        return base
+    candidate = (base / relative).resolve()
+    if candidate != base and base not in candidate.parents:
+        raise JobSetupError(f"workingDirectory {relative!r} points outside the job's files")
+    if not candidate.is_dir():
+        raise JobSetupError(f"workingDirectory {relative!r} is not a directory in the job's files")
+    return candidate
+
+
+class _DownloadCache:
+    """Downloaded inputs kept by file id, so many jobs on one upload fetch it once.
+
+    Past `max_bytes` the least recently used files are deleted, except those in use by a job.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int = CACHE_MAX_BYTES):
+        self._dir = directory
+        self._max_bytes = max_bytes
+        self._guard = threading.Lock()
+        self._locks = {}  # file id -> Lock, held while that file is downloaded or used
+
+    def clean(self) -> None:
+        """Delete downloads an earlier run left half-done."""
+        for path in self._dir.glob("*.part"):
+            path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def fetch(self, key: Optional[str], download: Callable):
+        """Yield the path of file `key`, calling download(binary_file) first unless it is cached.
+
+        With `key` None the file is not cached: it is downloaded to a temporary path, deleted after.
+        """
+        if key is None:
+            tmp = self._dir / f"{uuid.uuid4().hex}.part"
+            try:
+                with open(tmp, "wb") as out:
+                    download(out)
+                yield tmp
+            finally:
+                tmp.unlink(missing_ok=True)
+            return
+        with self._lock_for(key):
+            path = self._dir / f"{key}.bin"
+            if path.exists():
+                log.debug("input %s is cached", key)
+                os.utime(path)  # recently used: evicted last
+            else:
+                tmp = self._dir / f"{key}.part"
+                try:
+                    with open(tmp, "wb") as out:
+                        download(out)
+                    os.replace(tmp, path)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                self._evict(keep=key)
+            yield path
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _evict(self, keep: str) -> None:
+        entries = []
+        for path in self._dir.glob("*.bin"):
+            with contextlib.suppress(OSError):
+                entries.append((path.stat().st_mtime, path.stat().st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self._max_bytes:
+                break
+            lock = self._lock_for(path.stem)
+            if path.stem == keep or not lock.acquire(blocking=False):
+                continue  # in use by a job right now
+            try:
+                path.unlink(missing_ok=True)
+                total -= size
+                log.debug("evicted %s from the download cache", path.name)
+            finally:
+                lock.release()
+
+
+# === process trees ===========================================================
+
+
+def _marked_pids(prefix: str) -> set:
+    """Pids of live processes whose environment has MARKER_ENV set to a value starting with `prefix`.
+
+    The marker is inherited by every descendant, including those that left the process group with
+    setsid, so it finds a job's whole tree (the way Jenkins' ProcessTreeKiller does). Linux reads
+    /proc, macOS asks `ps -E` (best effort); elsewhere only the process group is used. Windows jobs
+    live in Job Objects instead.
+    """
+    needle = f"{MARKER_ENV}={prefix}"
+    pids = set()
+    if sys.platform.startswith("linux"):
+        needle_bytes = needle.encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    environ = f.read()
+            except OSError:  # gone, or not ours to read
+                continue
+            # A zombie's environ reads empty, so only live processes are found.
+            if any(var.startswith(needle_bytes) for var in environ.split(b"\0")):
+                pids.add(int(entry))
+    elif sys.platform == "darwin":
+        result = subprocess.run(
+            ["ps", "-A", "-ww", "-E", "-o", "pid=,command="],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+        )
+        for line in result.stdout.splitlines():
+            pid, _, rest = line.strip().partition(" ")
+            if needle in rest and pid.isdigit():
+                pids.add(int(pid))
+    pids.discard(os.getpid())
+    return pids
+
+
+def _kill_marked(prefix: str) -> int:
+    """SIGKILL every process marked with `prefix` (what an earlier run of this agent left); count them."""
+    pids = _marked_pids(prefix)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
+class _JOBOBJECT_BASIC_LIMIT_INFORMATION(ctypes.Structure):
+    _fields_ = [
+        ("PerProcessUserTimeLimit", ctypes.c_int64),
+        ("PerJobUserTimeLimit", ctypes.c_int64),
+        ("LimitFlags", ctypes.c_uint32),
+        ("MinimumWorkingSetSize", ctypes.c_size_t),
+        ("MaximumWorkingSetSize", ctypes.c_size_t),
+        ("ActiveProcessLimit", ctypes.c_uint32),
+        ("Affinity", ctypes.c_size_t),
+        ("PriorityClass", ctypes.c_uint32),
+        ("SchedulingClass", ctypes.c_uint32),
+    ]
+
+
+class _JOBOBJECT_EXTENDED_LIMIT_INFORMATION(ctypes.Structure):
+    _fields_ = [
+        ("BasicLimitInformation", _JOBOBJECT_BASIC_LIMIT_INFORMATION),
+        ("IoInfo", ctypes.c_uint64 * 6),  # IO_COUNTERS
+        ("ProcessMemoryLimit", ctypes.c_size_t),
+        ("JobMemoryLimit", ctypes.c_size_t),
+        ("PeakProcessMemoryUsed", ctypes.c_size_t),
+        ("PeakJobMemoryUsed", ctypes.c_size_t),
+    ]
+
+
+_JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS = 9
+_JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel32():
+    k32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = ctypes.c_void_p
+    k32.CreateJobObjectW.restype = handle
+    k32.CreateJobObjectW.argtypes = (ctypes.c_void_p, ctypes.c_wchar_p)
+    k32.SetInformationJobObject.argtypes = (handle, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32)
+    k32.AssignProcessToJobObject.argtypes = (handle, handle)
+    k32.TerminateJobObject.argtypes = (handle, ctypes.c_uint32)
+    k32.CloseHandle.argtypes = (handle,)
+    k32.GlobalMemoryStatusEx.argtypes = (ctypes.c_void_p,)
+    return k32
+
+
+class _WindowsJob:
+    """A Windows Job Object holding one job's processes: terminating or closing it kills them all.
+
+    KILL_ON_JOB_CLOSE also kills them when the agent dies, so nothing is left behind for a restart.
+    """
+
+    def __init__(self, popen: subprocess.Popen):
+        k32 = _kernel32()
+        handle = k32.CreateJobObjectW(None, None)
+        if not handle:
+            raise ctypes.WinError(ctypes.get_last_error())
+        info = _JOBOBJECT_EXTENDED_LIMIT_INFORMATION()
+        info.BasicLimitInformation.LimitFlags = _JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+        ok = k32.SetInformationJobObject(
+            handle, _JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS, ctypes.byref(info), ctypes.sizeof(info)
+        )
+        # Popen has no public handle. A child the command starts before this line is not in the
+        # job; taskkill /T is the fallback that still reaches it while its parent lives.
+        if not ok or not k32.AssignProcessToJobObject(handle, int(popen._handle)):
+            error = ctypes.WinError(ctypes.get_last_error())
+            k32.CloseHandle(handle)
+            raise error
+        self._handle = handle
+
+    def terminate(self) -> bool:
+        k32 = _kernel32()
+        ok = bool(k32.TerminateJobObject(self._handle, 1))
+        k32.CloseHandle(self._handle)
+        return ok
+
+
+class _ProcessTree:
+    """A job's command and every process it started, found again even after they left its group."""
+
+    def __init__(self, popen: subprocess.Popen, marker: str):
+        self._popen = popen
+        self._marker = marker
+        self._windows_job = None
+        if _WINDOWS:
+            try:
+                self._windows_job = _WindowsJob(popen)
+            except OSError as err:
+                log.debug("no Job Object for pid %d (%s); taskkill /T will be used", popen.pid, err)
+
+    def kill(self, grace: float = KILL_GRACE_SECONDS) -> None:
+        """SIGTERM the whole tree, then SIGKILL whatever is left after `grace` seconds.
+
+        Windows has no SIGTERM for a tree: it is terminated at once.
+        """
+        if _WINDOWS:
+            if self._windows_job is None or not self._windows_job.terminate():
+                subprocess.run(
+                    ["taskkill", "/T", "/F", "/PID", str(self._popen.pid)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            self._windows_job = None
+            return
+        self._signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self._alive() and time.monotonic() < deadline:
+            time.sleep(STEP_SECONDS)
+        # Always at least one SIGKILL round: a group member that cleared its environment (so has no
+        # marker) and ignores SIGTERM is reached only by the process-group kill.
+        for _ in range(KILL_ROUNDS):
+            self._signal(signal.SIGKILL)
+            time.sleep(STEP_SECONDS)
+            if not self._alive():
+                break
+
+    def _alive(self) -> bool:
+        return self._popen.poll() is None or bool(_marked_pids(self._marker))
+
+    def _signal(self, sig: int) -> None:
+        for pid in _marked_pids(self._marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        # The command leads its own group (start_new_session); the group outlives it while members
+        # remain, and the kernel does not hand its number to a new process meanwhile.
+        with contextlib.suppress(OSError):
+            os.killpg(self._popen.pid, sig)
+
+
+# === run_job =================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    """How a job ended. stdout/stderr hold only the output not yet streamed to the server."""
+
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    error: Optional[str] = None
+    duration: float = 0.0
+
+
+def _trim(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    head = limit // 2
+    dropped = len(text) - limit
+    return f"{text[:head]}\n[dispatch-agent: {dropped} characters dropped]\n{text[-(limit - head):]}"
+
+
+class _Output:
+    """One job's stdout and stderr on their way to the server.
+
+    Two threads read the pipes (binary-safe, UTF-8 decoded incrementally so a character split
+    across reads survives); the job's thread batches what they read and sends it in order, at
+    most OUTPUT_FLUSH_SECONDS late. Memory stays bounded: while the server is slow or down, output
+    piles up only to OUTPUT_PENDING_CHARS, then the readers wait and so does the job.
+    """
+
+    def __init__(self, send: Callable, stdout, stderr):
+        self._send = send
+        self._queue = queue.Queue(OUTPUT_QUEUE_ITEMS)
+        self._pending = {stream: [] for stream in STREAMS}
+        self._held = 0
+        self._first_at = None  # when the oldest unsent output was read
+        self._last_contact = time.monotonic()  # when the server last heard about this job
+        self._ends_line = {stream: True for stream in STREAMS}
+        self._retry_at = 0.0
+        self._backoff = _Backoff()
+        self._closed = threading.Event()
+        self._readers = [
+            threading.Thread(target=self._read, args=(stream, pipe), daemon=True)
+            for stream, pipe in zip(STREAMS, (stdout, stderr))
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: str, pipe) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with pipe:
+            while not self._closed.is_set():
+                try:
+                    chunk = pipe.read(OUTPUT_READ_BYTES)  # a raw pipe: whatever is there, b"" at EOF
+                except OSError:
+                    chunk = b""
+                text = decoder.decode(chunk, final=not chunk)
+                while text and not self._closed.is_set():
+                    try:
+                        self._queue.put((stream, text), timeout=STEP_SECONDS)
+                        text = ""
+                    except queue.Full:
+                        pass
+                if not chunk:
+                    return
+
+    def wait_eof(self, seconds: float) -> None:
+        """Pump until both pipes are at end of file, or `seconds` have passed."""
+        deadline = time.monotonic() + seconds
+        while any(reader.is_alive() for reader in self._readers) and time.monotonic() < deadline:
+            self.pump(STEP_SECONDS)
+        self.pump(0)
+
+    def pump(self, wait: float) -> None:
+        """Take what the readers have (waiting up to `wait` seconds for it) and send due batches."""
+        if self._held < OUTPUT_PENDING_CHARS:
+            try:
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                self._add(*item)
+                while self._held < OUTPUT_BATCH_CHARS:
+                    self._add(*self._queue.get_nowait())
+            except queue.Empty:
+                pass
+        else:
+            time.sleep(wait)  # the server is behind: leave the output in the pipe, so the job waits
+        now = time.monotonic()
+        full = self._held >= OUTPUT_BATCH_CHARS
+        if self._held and now >= self._retry_at and (full or now - self._first_at >= OUTPUT_FLUSH_SECONDS):
+            self._flush()
+        elif now - self._last_contact >= OUTPUT_PROBE_SECONDS:
+            self._last_contact = now
+            with contextlib.suppress(ServerUnavailable, Refused):  # only a 409 (JobLost) matters here
+                self._send("stdout", "")
+
+    def note(self, text: str) -> None:
+        """Add a line of the agent's own to stderr."""
+        self._add("stderr", ("" if self._ends_line["stderr"] else "\n") + text + "\n")
+
+    def finish(self) -> tuple:
+        """Stop reading, send what the server takes now, and return the rest (bounded) per stream."""
+        self.close()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._add(*self._queue.get_nowait())
+        if self._held and time.monotonic() >= self._retry_at:
+            self._flush()
+        return tuple(_trim("".join(self._pending[stream]), RESULT_OUTPUT_CHARS) for stream in STREAMS)
+
+    def close(self) -> None:
+        """Let the reader threads end even if a pipe never reaches end of file."""
+        self._closed.set()
+
+    def _add(self, stream: str, text: str) -> None:
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+        self._pending[stream].append(text)
+        self._held += len(text)
+        self._ends_line[stream] = text.endswith("\n")
+
+    def _flush(self) -> None:
+        """Send pending output, stdout then stderr, in batches; keep what the server cannot take yet."""
+        for stream in STREAMS:
+            text = "".join(self._pending[stream])
+            self._pending[stream] = []
+            while text:
+                batch, text = text[:OUTPUT_BATCH_CHARS], text[OUTPUT_BATCH_CHARS:]
+                try:
+                    self._send(stream, batch)
+                    self._last_contact = time.monotonic()
+                except ServerUnavailable as err:
+                    self._pending[stream] = [batch + text]
+                    self._held = sum(len(part) for parts in self._pending.values() for part in parts)
+                    self._retry_at = time.monotonic() + self._backoff.next(err.retry_after)
+                    log.debug("output not sent (%s); will retry", err)
+                    return
+                except Refused as err:
+                    log.warning("the server refused %d characters of %s (%s); dropped them", len(batch), stream, err)
+        self._held = 0
+        self._first_at = None
+        self._backoff.reset()
+
+
+def _spawn(command: str, cwd: Path, env: dict) -> subprocess.Popen:
+    # shell=True runs `/bin/sh -c command` on Unix and `cmd.exe /c command` (%COMSPEC%) on Windows.
+    # Each job gets its own session (Unix) or process group (Windows, so Ctrl-C at the agent's
+    # console does not reach it: stopping is the agent's decision).
+    isolation = (
+        {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if _WINDOWS else {"start_new_session": True}
+    )
+    return subprocess.Popen(
+        command,
+        shell=True,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+        **isolation,
+    )
+
+
+def _exit_code(returncode: int) -> int:
+    if returncode < 0:  # Popen reports death by signal N as -N; a shell would say 128 + N
+        return 128 - returncode
+    if returncode >= 2**31:  # Windows: an unsigned DWORD, which cmd shows signed (e.g. -1073741819)
+        return returncode - 2**32
+    return returncode
+
+
+def run_job(command: str, cwd: Path, *, env: dict, marker: str, timeout: float, send_output, halt) -> JobResult:
+    """Run `command` in `cwd`, stream its output with send_output(stream, text), and report how it ended.
+
+    Returns once the command has exited (or was killed: past `timeout` with exit code 124, when
+    the `halt` event is set with 143) and no process of its tree is left; the command's own exit
+    code otherwise, even if a background child kept its pipes open. `env[MARKER_ENV]` must be
+    `marker`. JobLost from send_output kills the tree and propagates.
+    """
+    started = time.monotonic()
+    proc = _spawn(command, cwd, env)
+    tree = _ProcessTree(proc, marker)
+    output = _Output(send_output, proc.stdout, proc.stderr)
+    exit_code, error = None, None
+    grace = KILL_GRACE_SECONDS
+    try:
+        while proc.poll() is None:
+            if time.monotonic() - started > timeout:
+                exit_code, error = EXIT_TIMEOUT, f"timed out after {timeout:g} s; the process tree was killed"
+                break
+            if halt.is_set():
+                exit_code, error = EXIT_STOPPED, "the agent was stopped; the process tree was killed"
+                break
+            output.pump(STEP_SECONDS)
+        if exit_code is None:
+            exit_code = _exit_code(proc.returncode)
+            output.wait_eof(PIPE_GRACE_SECONDS)
+    except JobLost:
+        grace = LOST_KILL_GRACE_SECONDS
+        output.close()
+        raise
+    finally:
+        tree.kill(grace)  # the whole tree of a killed or lost job; what a finished one left running
+    output.wait_eof(PIPE_GRACE_SECONDS)
+    if error:
+        output.note(f"dispatch-agent: {error}")
+    stdout, stderr = output.finish()
+    return JobResult(exit_code, stdout, stderr, error, time.monotonic() - started)
+
+
+# === Agent ===================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    job_id: str
+    command: str
+    file_url: Optional[str]
+    working_directory: Optional[str]
+    timeout: float
+    attempt: int
+
+    @classmethod
+    def from_api(cls, data) -> "_Job":
+        """Read get-job's `job` object; ServerUnavailable if it is not usable."""
+        try:
+            job_id, command = data["jobId"], data["command"]
+            if not isinstance(job_id, str) or not isinstance(command, str):
+                raise TypeError("jobId and command must be strings")
+            timeout = float(data.get("timeout") or DEFAULT_JOB_TIMEOUT_SECONDS)
+            return cls(job_id, command, data.get("fileUrl"), data.get("workingDirectory"), timeout,
+                       int(data.get("attempt") or 1))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ServerUnavailable(f"get-job answered with an unusable job ({err})") from None
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe name for this attempt: its job directory and spool file."""
+        return f"{re.sub(r'[^A-Za-z0-9_-]', '_', self.job_id)[:100]}.{self.attempt}"
+
+
+class _MEMORYSTATUSEX(ctypes.Structure):
+    _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32)] + [
+        (name, ctypes.c_uint64)
+        for name in (
+            "ullTotalPhys",
+            "ullAvailPhys",
+            "ullTotalPageFile",
+            "ullAvailPageFile",
+            "ullTotalVirtual",
+            "ullAvailVirtual",
+            "ullAvailExtendedVirtual",
+        )
+    ]
+
+
+def _total_memory_mb() -> Optional[int]:
+    """This computer's RAM in MiB, or None where the platform does not say."""
+    if _WINDOWS:
+        status = _MEMORYSTATUSEX()
+        status.dwLength = ctypes.sizeof(status)
+        if _kernel32().GlobalMemoryStatusEx(ctypes.byref(status)):
+            return status.ullTotalPhys // 2**20
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file atomically (a crash leaves the old or the new one), readable by its owner only."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _lock_work_dir(work_dir: Path):
+    """Hold <work dir>/agent.lock for the life of the process: one agent per work dir."""
+    lock = open(work_dir / "agent.lock", "a+")
+    try:
+        if _WINDOWS:
+            import msvcrt
+
+            lock.seek(0)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise AgentError(f"another agent is already using {work_dir}; give each agent its own --work-dir") from None
+    return lock
+
+
+class Agent:
+    """One worker: registration, heartbeats, job slots and the result spool.
+
+    run_forever() runs `concurrency` slot threads, each calling poll_once() in a loop, and a
+    heartbeat thread. A test can call prepare() and then drive poll_once(now=...) itself.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._work_dir = config.work_dir
+        self._jobs_dir = config.work_dir / "jobs"
+        self._spool_dir = config.work_dir / "results"
+        self._token_path = config.work_dir / "worker.json"
+        self._cache = _DownloadCache(config.work_dir / "cache")
+        # The marker ties job processes to this work dir, so a restarted agent finds its leftovers.
+        self._marker_prefix = hashlib.sha256(str(config.work_dir.resolve()).encode()).hexdigest()[:16] + "/"
+        self._token = None
+        self._lock = threading.Lock()  # guards the fields below
+        self._running = {}  # job key -> job id, until its result was sent or spooled
+        self._unsent = {}  # job key -> job id of a spooled result the server has not taken yet
+        self._jobs_completed = 0
+        self._retry_at = 0.0  # no slot asks the server anything before this (monotonic) time
+        self._backoff = _Backoff()
+        self._register_lock = threading.Lock()
+        self._announce_lock = threading.Lock()
+        self._announced = False
+        self._spool_lock = threading.Lock()
+        # request_stop() runs in a signal handler, so it only counts; run_forever() turns the count
+        # into the events (Event.set() in a handler can deadlock with a wait on the same event).
+        self._stop_requests = 0
+        self._draining = threading.Event()  # first stop: no new jobs
+        self._halt = threading.Event()  # second stop: kill running jobs
+        self._stopped = threading.Event()
+        self._work_dir_lock = None
+
+    # --- start and stop ---------------------------------------------------
+
+    def prepare(self) -> None:
+        """Set up the work dir: lock it, kill what an earlier run left, load the saved worker token."""
+        self._work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # other users have no business here
+        for directory in (self._jobs_dir, self._spool_dir, self._work_dir / "cache"):
+            directory.mkdir(exist_ok=True)
+        self._work_dir_lock = _lock_work_dir(self._work_dir)
+        killed = _kill_marked(self._marker_prefix)
+        if killed:
+            log.info("killed %d process(es) left behind by an earlier run of this agent", killed)
+        for leftover in self._jobs_dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        self._cache.clean()
+        for path in self._spool_dir.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                self._unsent[path.stem] = json.loads(path.read_text(encoding="utf-8")).get("jobId")
+        self._token = self._load_token()
+
+    def close(self) -> None:
+        """Release the work dir (run_forever does this when it returns)."""
+        if self._work_dir_lock is not None:
+            self._work_dir_lock.close()
+            self._work_dir_lock = None
+
+    def request_stop(self) -> None:
+        """First call: take no new jobs, let running ones finish. Second: kill running jobs too.
+
+        Safe in a signal handler: it only counts the calls.
+        """
+        self._stop_requests += 1
+
+    def run_forever(self) -> None:
+        """Take and run jobs until request_stop(); return once stopped (see request_stop)."""
+        self.prepare()
+        cfg = self.config
+        log.info(
+            "dispatch agent %s: worker %s, server %s, %d slot(s), tags %s, work dir %s",
+            __version__, cfg.worker_id, cfg.server, cfg.concurrency, ",".join(cfg.tags) or "-", cfg.work_dir,
+        )
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        for n in range(cfg.concurrency):
+            # Daemon threads: a slot parked in a long-poll must not keep a stopping agent alive.
+            threading.Thread(target=self._slot_loop, name=f"slot-{n + 1}", daemon=True).start()
+        try:
+            while not self._stop_requests:
+                time.sleep(STOP_CHECK_SECONDS)
+            self._draining.set()
+            running = self._busy()
+            log.info("stopping: no new jobs%s",
+                     f"; {running} running job(s) will finish (stop again to kill them)" if running else "")
+            while self._busy() and self._stop_requests < 2:
+                time.sleep(STOP_CHECK_SECONDS)
+            if self._stop_requests >= 2:
+                self._halt.set()
+                log.info("stopping now: killing %d running job(s)", self._busy())
+                deadline = time.monotonic() + STOP_GRACE_SECONDS
+                while self._busy() and time.monotonic() < deadline:
+                    time.sleep(STEP_SECONDS)
+            # A slot still parked in a long-poll is abandoned here: its connection closes with the
+            # process, and the server must not hand a job to a closed connection.
+            self._deliver_spool(wait=True)
+        except AgentError as err:
+            log.warning("%d result(s) stay in %s and are sent at the next start (%s)",
+                        len(list(self._spool_dir.glob("*.json"))), self._spool_dir, err)
+        finally:
+            self._stopped.set()
+            self.close()
+        log.info("stopped")
+
+    def _busy(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    # --- the job loop -----------------------------------------------------
+
+    def _slot_loop(self) -> None:
+        while True:
+            try:
+                delay = self.poll_once()
+            except Exception:  # a bug must not silently cost this computer a job slot
+                log.exception("unexpected error in a job slot; it carries on in %.0f s", BACKOFF_CAP_SECONDS)
+                delay = BACKOFF_CAP_SECONDS
+            if delay is None:
+                return
+            if delay:
+                self._draining.wait(delay)
+
+    def poll_once(self, now: Optional[float] = None) -> Optional[float]:
+        """One step of a free job slot: register if needed, resend spooled results, then ask for
+        a job (long-poll) and run it to the end.
+
+        Returns how many seconds to wait before the next step (0 for at once), or None once the
+        agent is stopping. `now` is a time.monotonic() value.
+        """
+        if self._stop_requests:
+            return None
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if now < self._retry_at:
+                return self._retry_at - now
+        try:
+            self._ensure_registered()
+            self._announce_held_jobs()
+            self._deliver_spool()
+            asked = time.monotonic()
+            job = self._get_job()
+        except AgentError as err:
+            with self._lock:
+                self._retry_at = max(self._retry_at, now + self._backoff.next(getattr(err, "retry_after", None)))
+                delay = self._retry_at - now
+            log.warning("%s; retrying in %.1f s", err, delay)
+            return delay
+        with self._lock:
+            self._backoff.reset()
+        if job is None:
+            return max(0.0, POLL_FLOOR_SECONDS - (time.monotonic() - asked))
+        self._run(job)
+        return 0.0
+
+    def _get_job(self) -> Optional[_Job]:
+        status, data = self._worker_request(
+            "GET", f"/api/jobs/get-job?wait={POLL_WAIT_SECONDS}", timeout=POLL_WAIT_SECONDS + HTTP_TIMEOUT_SECONDS
+        )
+        if status == 204 or not isinstance(data, dict) or not data.get("job"):
+            return None
+        return _Job.from_api(data["job"])
+
+    def _run(self, job: _Job) -> None:
+        """Run a job the server gave us, then spool its result and try to send it."""
+        with self._lock:
+            self._running[job.key] = job.job_id
+        log.info("job %s started (attempt %d): %r", job.job_id, job.attempt, job.command[:200])
+        try:
+            try:
+                result = self._execute(job)
+            except JobLost as err:
+                log.warning("job %s is no longer ours (%s): killed it, no result sent", job.job_id, err)
+                shutil.rmtree(self._jobs_dir / job.key, ignore_errors=True)
+                return
+            log.info(
+                "job %s finished: exit code %d in %.1f s%s",
+                job.job_id, result.exit_code, result.duration, f" ({result.error})" if result.error else "",
+            )
+            body = {
+                "jobId": job.job_id,
+                "workerId": self.config.worker_id,
+                "exitCode": result.exit_code,
+                "stdout": result.stdout,
+                "stderr": result.stderr,
+                "attempt": job.attempt,
+            }
+            if result.error:
+                body["error"] = result.error
+            # On disk first: the result survives a server outage and an agent restart.
+            _write_private(self._spool_dir / f"{job.key}.json", json.dumps(body))
+            with self._lock:
+                self._unsent[job.key] = job.job_id
+                self._jobs_completed += 1
+            try:
+                self._deliver_spool()
+            except AgentError as err:
+                log.warning("result of job %s kept on disk, will retry: %s", job.job_id, err)
+        finally:
+            with self._lock:
+                del self._running[job.key]
+
+    def _execute(self, job: _Job) -> JobResult:
+        job_dir = self._jobs_dir / job.key
+        shutil.rmtree(job_dir, ignore_errors=True)
+        try:
+            job_dir.mkdir(parents=True)
+            self._fetch_input(job, job_dir)
+            cwd = _working_dir(job_dir, job.working_directory)
+        except (JobSetupError, OSError) as err:  # OSError: e.g. a full disk
+            return JobResult(EXIT_SETUP_FAILED, stderr=f"dispatch-agent: {err}\n", error=str(err))
+        marker = f"{self._marker_prefix}{job.key}/"
+        env = dict(os.environ)
+        env.pop("DISPATCH_REGISTRATION_TOKEN", None)  # a job must not be able to register workers
+        env.update(DISPATCH_JOB_ID=job.job_id, DISPATCH_WORKER_ID=self.config.worker_id, **{MARKER_ENV: marker})
+        try:
+            return run_job(
+                job.command,
+                cwd,
+                env=env,
+                marker=marker,
+                timeout=job.timeout,
+                send_output=functools.partial(self._send_output, job),
+                halt=self._halt,
+            )
+        except OSError as err:  # the shell itself could not start
+            error = f"could not start the command: {err}"
+            return JobResult(EXIT_SETUP_FAILED, stderr=f"dispatch-agent: {error}\n", error=error)
+
+    def _fetch_input(self, job: _Job, job_dir: Path) -> None:
+        if not job.file_url:
+            return
+        url = urllib.parse.urljoin(self.config.server + "/", job.file_url)
+        same_origin = _origin(url) == _origin(self.config.server)
+        # The worker token goes only to the dispatch server itself, never to another host.
+        headers = {"x-worker-token": self._token or ""} if same_origin else {}
+        match = re.fullmatch(r"/uploads/([A-Za-z0-9_-][A-Za-z0-9._-]{0,127})/[^/]+", urllib.parse.urlsplit(url).path)
+        key = match.group(1) if same_origin and match else None
+
+        def download(out) -> None:
+            backoff = _Backoff()
+            for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+                out.seek(0)
+                out.truncate()
+                try:
+                    _request("GET", url, headers=headers, into=out)
+                    return
+                except ServerUnavailable as err:
+                    if attempt == DOWNLOAD_ATTEMPTS or self._halt.wait(backoff.next(err.retry_after)):
+                        raise JobSetupError(f"could not download {url}: {err}") from None
+                except Refused as err:
+                    hint = "" if same_origin else " (not on the server's origin, so sent without the worker token)"
+                    raise JobSetupError(f"could not download {url}{hint}: {err}") from None
+
+        with self._cache.fetch(key, download) as path:
+            _place_input(path, _input_name(url), job_dir)
+
+    def _send_output(self, job: _Job, stream: str, text: str) -> None:
+        body = {"jobId": job.job_id, "data": text, "type": stream, "attempt": job.attempt}
+        try:
+            self._worker_request("POST", "/api/jobs/stream-output", body)
+        except Refused as err:
+            if err.status == 409:
+                raise JobLost(err.message) from None
+            if err.status == 401:
+                raise ServerUnavailable("the worker token was refused") from None
+            raise
+
+    def _deliver_spool(self, wait: bool = False) -> None:
+        """Send every spooled result; an acknowledged or refused one is deleted with its job dir.
+
+        Raises ServerUnavailable (or Refused 401) when the server cannot take them yet. Without
+        `wait`, returns at once if another thread is already at it.
+        """
+        if not self._spool_lock.acquire(blocking=wait):
+            return
+        try:
+            for path in sorted(self._spool_dir.glob("*.json")):
+                try:
+                    body = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as err:
+                    log.warning("dropping unreadable spooled result %s: %s", path.name, err)
+                else:
+                    try:
+                        self._worker_request("POST", "/api/jobs/submit-result", body)
+                        log.info("result of job %s delivered", body.get("jobId"))
+                    except Refused as err:
+                        if err.status == 401:
+                            raise
+                        log.warning("the server refused the result of job %s (%s); dropped it", body.get("jobId"), err)
+                path.unlink(missing_ok=True)
+                shutil.rmtree(self._jobs_dir / path.stem, ignore_errors=True)
+                with self._lock:
+                    self._unsent.pop(path.stem, None)
+        finally:
+            self._spool_lock.release()
+
+    # --- registration and heartbeats --------------------------------------
+
+    def _worker_request(self, method: str, path: str, body=None, timeout=HTTP_TIMEOUT_SECONDS):
+        """_request() with the worker token; a refused token is forgotten, so the agent registers again."""
+        token = self._token
+        if token is None:
+            raise ServerUnavailable("not registered yet")
+        try:
+            return _request(method, self.config.server + path, headers={"x-worker-token": token}, body=body,
+                            timeout=timeout)
+        except Refused as err:
+            if err.status == 401:
+                with self._register_lock:
+                    if self._token == token:  # not already replaced by another thread
+                        self._token = None
+                        log.warning("the server refused the worker token; registering again")
+            raise
+
+    def _load_token(self) -> Optional[str]:
+        try:
+            saved = json.loads(self._token_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if saved.get("server") == self.config.server and saved.get("workerId") == self.config.worker_id:
+            log.info("using the saved worker token for %s", self.config.worker_id)
+            return saved.get("token")
+        return None
+
+    def _ensure_registered(self) -> None:
+        with self._register_lock:
+            if self._token is not None:
+                return
+            cfg = self.config
+            body = {
+                "workerId": cfg.worker_id,
+                "hostname": socket.gethostname(),
+                "cpuCount": os.cpu_count() or 1,
+                "totalMemoryMb": _total_memory_mb(),
+                "metadata": {
+                    "osType": platform.system(),
+                    "pythonVersion": platform.python_version(),
+                    "tags": list(cfg.tags),
+                },
+            }
+            try:
+                _, data = _request("POST", cfg.server + "/api/workers/register", body=body,
+                                   headers={"Authorization": f"Bearer {cfg.token}"})
+            except Refused as err:
+                if err.status == 409:
+                    raise AgentError(
+                        f"worker id {cfg.worker_id!r} is already registered, and {self._token_path} holds no "
+                        f"valid token for it: an admin can delete the worker (DELETE /api/workers/"
+                        f"{cfg.worker_id}), or start this agent with another --worker-id"
+                    ) from None
+                if err.status == 401:
+                    raise AgentError("the server refused the registration token (--token)") from None
+                raise
+            token = data.get("token") if isinstance(data, dict) else None
+            if not isinstance(token, str) or not token:
+                raise ServerUnavailable("the register answer has no token")
+            _write_private(
+                self._token_path, json.dumps({"server": cfg.server, "workerId": cfg.worker_id, "token": token})
+            )
+            self._token = token
+            log.info("registered as worker %s on %s", cfg.worker_id, cfg.server)
+
+    def _heartbeat_body(self, with_held_jobs: bool = False) -> dict:
+        with self._lock:
+            running = list(self._running.values())
+            body = {
+                "workerId": self.config.worker_id,
+                "status": "busy" if running else "idle",
+                "currentJobId": running[0] if running else None,
+                "jobsCompleted": self._jobs_completed,
+            }
+            if with_held_jobs:
+                body["runningJobs"] = sorted(set(running) | {job_id for job_id in self._unsent.values() if job_id})
+            return body
+
+    def _announce_held_jobs(self) -> None:
+        """Once per run, before any slot asks for work: tell the server every job we hold (those
+        whose result waits in the spool), so it gives back the others an earlier run lost.
+
+        Later heartbeats leave the list out: a job claimed while one is on its way would be
+        missing from it, and the server would take that job back.
+        """
+        with self._announce_lock:
+            if not self._announced:
+                self._worker_request("POST", "/api/workers/heartbeat", self._heartbeat_body(with_held_jobs=True))
+                self._announced = True
+
+    def _heartbeat_loop(self) -> None:
+        interval = HEARTBEAT_DEFAULT_SECONDS
+        backoff = _Backoff()
+        delay = 0.0
+        while not self._stopped.wait(delay):
+            try:
+                # Register from here too: with every slot busy, no slot would.
+                self._ensure_registered()
+                _, data = self._worker_request("POST", "/api/workers/heartbeat", self._heartbeat_body())
+            except AgentError as err:
+                if not backoff.failures:
+                    log.warning("heartbeat failed: %s", err)
+                delay = min(interval, backoff.next(getattr(err, "retry_after", None)))
+                continue
+            if backoff.failures:
+                log.info("heartbeats go through again")
+                backoff.reset()
+            with contextlib.suppress(TypeError, ValueError, AttributeError):
+                interval = min(max(float(data["nextCheckIn"]) / 1000, 1.0), 300.0)
+            delay = interval
+
+
+# === main ====================================================================
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run the agent from the command line; the process exit status."""
+    config = parse_config(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if config.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    agent = Agent(config)
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):  # SIGBREAK: Ctrl-Break on Windows
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda signum, frame: agent.request_stop())
+    try:
+        agent.run_forever()
+    except AgentError as err:
+        log.error("%s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""End to end: a real ``python dispatch.py`` and real ``python agent.py`` processes on loopback.
+
+The agent is copied to a temp folder and run from there with its own --work-dir, as on a desktop.
+The test talks to the server with urllib only, as a curl script would.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, ServerProcess
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="jobs use /bin/sh and /proc")
+
+FINISHED = ("completed", "failed", "cancelled")
+
+# --- fixtures: the processes -------------------------------------------------------------
+
+
+class Client:
+    """The user side of the API, over urllib."""
+
+    def __init__(self, server: ServerProcess):
+        self.server = server
+        self.token = None
+
+    def call(self, method: str, path: str, body=None, *, data: bytes | None = None, content_type=None):
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if body is not None:
+            data, content_type = json.dumps(body).encode(), "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        request = urllib.request.Request(self.server.url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            with err:
+                return err.code, json.loads(err.read() or b"null")
+
+    def login(self) -> "Client":
+        self.token = None
+        status, body = self.call("POST", "/api/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
+        assert status == 200, body
+        self.token = body["token"]
+        return self
+
+    def upload(self, content: bytes, name: str = "project.zip") -> str:
+        boundary = uuid.uuid4().hex
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n")
+        data = head.encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        status, body = self.call("POST", "/api/files/upload", data=data,
+                                 content_type=f"multipart/form-data; boundary={boundary}")
+        assert status == 201, body
+        return body["url"]
+
+    def submit(self, command: str, **fields) -> str:
+        status, body = self.call("POST", "/api/jobs/submit", {"command": command, "timeout": 30, **fields})
+        assert status == 201, body
+        return body["jobId"]
+
+    def status(self, job_id: str) -> dict:
+        status, body = self.call("GET", f"/api/jobs/status?jobId={job_id}")
+        assert status == 200, body
+        return body["job"]
+
+    def wait(self, job_id: str, until=lambda job: job["status"] in FINISHED, within: float = 10) -> dict:
+        deadline = time.monotonic() + within
+        while True:
+            job = self.status(job_id)
+            if until(job):
+                return job
+            assert time.monotonic() < deadline, f"gave up waiting for job {job_id}: {job}"
+            time.sleep(0.05)
+
+
+class AgentProcess:
+    """``python agent.py`` run from its own copy, logging to a file."""
+
+    def __init__(self, script: Path, server_url: str, worker_id: str, work_dir: Path, args: list):
+        self.script = script
+        self.server_url = server_url
+        self.worker_id = worker_id
+        self.work_dir = work_dir
+        self.args = args
+        self.log_path = work_dir.parent / f"agent-{worker_id}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "AgentProcess":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+        env["DISPATCH_REGISTRATION_TOKEN"] = REGISTRATION_TOKEN  # from the environment, as a service would
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(self.script), "--server", self.server_url, "--worker-id", self.worker_id,
+                 "--work-dir", str(self.work_dir), *self.args],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.script.parent)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, within: float = 10) -> None:
+        deadline = time.monotonic() + within
+        while text not in self.log():
+            assert self.process.poll() is None, f"agent exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"no {text!r} in the agent log:\n{self.log()}"
+            time.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self) -> int:
+        """SIGTERM twice (kills running jobs), then SIGKILL if it still runs."""
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            time.sleep(0.3)
+            if self.process.poll() is None:
+                self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def _server(tmp_path: Path, server_env: dict, heartbeat: float) -> ServerProcess:
+    env = dict(server_env, DISPATCH_HEARTBEAT_INTERVAL=str(heartbeat), DISPATCH_RATE_LIMIT="0")
+    return ServerProcess(tmp_path / "data", env).start()
+
+
+@pytest.fixture
+def server(tmp_path, server_env):
+    """A running dispatch.py with a one-second heartbeat."""
+    process = _server(tmp_path, server_env, heartbeat=1)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def user(server) -> Client:
+    return Client(server).login()
+
+
+@pytest.fixture
+def start_agent(tmp_path, server):
+    """start_agent(worker_id, *args): an agent process on `server` with its own work dir."""
+    folder = tmp_path / "desktop"
+    folder.mkdir()
+    script = folder / "agent.py"
+    shutil.copy(ROOT / "agent.py", script)
+    agents = []
+
+    def start(worker_id: str, *args: str, work_dir: Path | None = None) -> AgentProcess:
+        agent = AgentProcess(script, server.url, worker_id, work_dir or folder / f"work-{worker_id}", list(args))
+        agents.append(agent.start())
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def zip_bytes(entries: dict) -> bytes:
+    """A zip from {name: content} or {name: (content, unix mode)}; the mode may make a symlink."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in entries.items():
+            content, mode = content if isinstance(content, tuple) else (content, 0o644 | stat.S_IFREG)
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            archive.writestr(info, content)
+    return buffer.getvalue()
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie (dead, not yet reaped by its new parent) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_gone(pids, within: float = 3) -> list:
+    """The pids still alive after `within` seconds."""
+    deadline = time.monotonic() + within
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if alive(pid)]
+
+
+def pids_in(text: str, label: str) -> list:
+    return [int(line.split()[1]) for line in text.splitlines() if line.startswith(label + " ")]
+
+
+def iso_now() -> str:
+    """Now, formatted as the server's timestamps (which compare as strings)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def wait_until(predicate, within: float = 5, message: str = "condition") -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up waiting for {message}"
+        time.sleep(0.05)
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+
+def test_zip_job_runs_in_its_working_directory_and_reports_output_and_exit_code(user, start_agent):
+    script = "#!/bin/sh\ncat sub/data.txt\necho \"job=$DISPATCH_JOB_ID worker=$DISPATCH_WORKER_ID\"\n" \
+             "echo \"registration token: ${DISPATCH_REGISTRATION_TOKEN:-hidden}\"\nprintf 'bad \\377 byte\\n'\n" \
+             "echo oops >&2\nexit 3\n"
+    url = user.upload(zip_bytes({"proj/run.sh": (script, 0o755 | stat.S_IFREG),
+                                   "proj/sub/data.txt": "hello from zip\n"}))
+    agent = start_agent("desk-1")
+    agent.wait_for_log("registered as worker desk-1")
+
+    submitted = time.monotonic()
+    job_id = user.submit("./run.sh", fileUrl=url, workingDirectory="proj")
+    job = user.wait(job_id)
+
+    assert time.monotonic() - submitted < 3  # an idle agent is parked in a long-poll: no poll interval
+    assert (job["status"], job["exitCode"], job["workerId"]) == ("failed", 3, "desk-1")
+    assert job["stdout"] == (f"hello from zip\njob={job_id} worker=desk-1\nregistration token: hidden\n"
+                             "bad \ufffd byte\n")
+    assert job["stderr"] == "oops\n"
+    wait_until(lambda: not any((agent.work_dir / "jobs").iterdir()), message="the job dir to be removed")
+    assert f"job {job_id} finished: exit code 3" in agent.log()
+
+
+def test_output_is_visible_while_the_job_runs(user, start_agent, tmp_path):
+    go = tmp_path / "go"
+    start_agent("desk-1")
+    job_id = user.submit(f"echo first; echo warming >&2; while [ ! -e {go} ]; do sleep 0.05; done; echo second")
+
+    running = user.wait(job_id, until=lambda job: "first" in (job["stdout"] or ""))
+    assert running["status"] == "running"
+    assert running["stdout"] == "first\n" and running["stderr"] == "warming\n"
+    go.touch()
+
+    job = user.wait(job_id)
+    assert (job["status"], job["exitCode"], job["stdout"]) == ("completed", 0, "first\nsecond\n")
+
+
+def test_a_second_zip_job_uses_the_cached_download(user, start_agent):
+    url = user.upload(zip_bytes({"data.txt": "cached\n"}))
+    agent = start_agent("desk-1", "--verbose")
+
+    for _ in range(2):
+        job = user.wait(user.submit("cat data.txt", fileUrl=url))
+        assert (job["status"], job["stdout"]) == ("completed", "cached\n")
+
+    assert len(list((agent.work_dir / "cache").glob("*.bin"))) == 1
+    assert agent.log().count("is cached") == 1
+
+
+def test_timeout_kills_the_whole_tree_including_a_setsid_child(user, start_agent):
+    command = (
+        "sh -c 'echo child $$; exec sleep 600' &\n"
+        f"'{sys.executable}' -c 'import os, time; os.setsid(); print(\"setsid\", os.getpid(), flush=True); "
+        "time.sleep(600)' &\n"
+        "echo main $$\n"
+        "exec sleep 600\n"
+    )
+    start_agent("desk-1")
+    job_id = user.submit(command, timeout=2)
+
+    job = user.wait(job_id)
+
+    assert (job["status"], job["exitCode"]) == ("failed", 124)
+    assert "timed out after 2 s" in job["error"]
+    assert "dispatch-agent: timed out after 2 s" in job["stderr"]
+    pids = [pid for label in ("main", "child", "setsid") for pid in pids_in(job["stdout"], label)]
+    assert len(pids) == 3, job["stdout"]
+    assert wait_gone(pids) == []
+
+
+def test_background_child_holding_the_pipe_does_not_hold_the_job(user, start_agent):
+    start_agent("desk-1")
+    started = time.monotonic()
+    job_id = user.submit("sleep 600 & echo background $!; echo bye; exit 0")
+
+    job = user.wait(job_id)
+
+    assert time.monotonic() - started < 6
+    assert (job["status"], job["exitCode"]) == ("completed", 0)
+    assert job["stdout"].endswith("bye\n")
+    assert wait_gone(pids_in(job["stdout"], "background")) == []
+
+
+def test_zip_slip_and_symlink_archives_fail_and_write_nothing_outside(user, start_agent, tmp_path):
+    marker = f"escaped-{uuid.uuid4().hex}"
+    slip = user.upload(zip_bytes({"ok.txt": "fine", f"../../{marker}": "pwned"}), "slip.zip")
+    link = user.upload(zip_bytes({"passwd": ("/etc/passwd", 0o777 | stat.S_IFLNK)}), "link.zip")
+    start_agent("desk-1")
+
+    slipped = user.wait(user.submit("cat ok.txt", fileUrl=slip))
+    linked = user.wait(user.submit("cat passwd", fileUrl=link))
+
+    for job, reason in ((slipped, "climbs out with '..'"), (linked, "is a symbolic link")):
+        assert (job["status"], job["exitCode"]) == ("failed", 125)
+        assert job["error"].startswith("unsafe archive: ") and reason in job["error"]
+        assert job["stderr"] == f"dispatch-agent: {job['error']}\n"
+        assert job["stdout"] == ""
+    assert not list(tmp_path.rglob(marker))
+    assert not [p for p in tmp_path.rglob("passwd") if p.is_symlink()]
+
+
+def test_two_agents_share_one_queue(user, start_agent):
+    start_agent("desk-a")
+    start_agent("desk-b")
+    job_ids = [user.submit("sleep 0.5; echo $DISPATCH_WORKER_ID") for _ in range(4)]
+
+    jobs = [user.wait(job_id) for job_id in job_ids]
+
+    assert all(job["status"] == "completed" and job["stdout"] == f"{job['workerId']}\n" for job in jobs)
+    assert {job["workerId"] for job in jobs} == {"desk-a", "desk-b"}
+
+
+def test_concurrency_runs_jobs_side_by_side(user, start_agent, tmp_path):
+    go = tmp_path / "go"
+    start_agent("desk-1", "--concurrency", "2")
+    job_ids = [user.submit(f"echo up; while [ ! -e {go} ]; do sleep 0.05; done") for _ in range(2)]
+
+    for job_id in job_ids:  # both run at once: neither slot waits for the other
+        user.wait(job_id, until=lambda job: job["stdout"] == "up\n")
+    go.touch()
+
+    assert [user.wait(job_id)["status"] for job_id in job_ids] == ["completed", "completed"]
+
+
+def test_tags_route_jobs_to_workers_that_have_them(user, start_agent):
+    start_agent("gpu-box", "--tags", "gpu,linux")
+    plain = start_agent("plain-box")
+    plain.wait_for_log("registered as worker plain-box")
+    tagged = [user.submit("sleep 0.2", tags=["gpu"]) for _ in range(3)] + [
+        user.submit("sleep 0.2", tags=["gpu", "linux"])]
+    nowhere = user.submit("true", tags=["windows"])
+
+    jobs = [user.wait(job_id) for job_id in tagged]
+
+    assert [(job["status"], job["workerId"]) for job in jobs] == [("completed", "gpu-box")] * 4
+    assert user.status(nowhere)["status"] == "queued"
+
+
+def test_restart_reuses_the_saved_worker_token(user, start_agent, tmp_path):
+    work_dir = tmp_path / "work"
+    first = start_agent("desk-1", work_dir=work_dir)
+    assert user.wait(user.submit("echo one"))["status"] == "completed"
+    assert first.stop() == 0
+    token_file = work_dir / "worker.json"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = json.loads(token_file.read_text())["token"]
+    restarted_at = iso_now()
+
+    second = start_agent("desk-1", work_dir=work_dir)
+
+    second.wait_for_log("using the saved worker token for desk-1")
+    wait_until(lambda: user.call("GET", "/api/workers/desk-1")[1]["worker"]["lastHeartbeat"] > restarted_at,
+               message="a heartbeat with the saved token")
+    assert second.log().count("registered as worker") == 1  # only the first run registered
+    assert "refused" not in second.log()
+    assert token not in second.log() and REGISTRATION_TOKEN not in second.log()
+
+
+def test_a_job_submitted_right_after_an_agent_restart_runs(user, start_agent, tmp_path):
+    work_dir = tmp_path / "work"
+    first = start_agent("desk-1", work_dir=work_dir)
+    first.wait_for_log("registered as worker desk-1")
+    assert first.stop() == 0  # stopped while parked in a long-poll
+
+    start_agent("desk-1", work_dir=work_dir).wait_for_log("using the saved worker token")
+    job = user.wait(user.submit("echo two"))
+
+    assert (job["status"], job["workerId"], job["stdout"]) == ("completed", "desk-1", "two\n")
+
+
+def test_a_restarted_agent_kills_what_its_killed_predecessor_left_running(user, start_agent, tmp_path):
+    work_dir = tmp_path / "work"
+    first = start_agent("desk-1", work_dir=work_dir)
+    job_id = user.submit("echo main $$; exec sleep 600")
+    pid = pids_in(user.wait(job_id, until=lambda job: "main" in (job["stdout"] or ""))["stdout"], "main")[0]
+    first.process.kill()
+    first.process.wait()
+    assert alive(pid)
+
+    second = start_agent("desk-1", work_dir=work_dir)
+
+    assert wait_gone([pid], within=5) == []
+    second.wait_for_log("killed 1 process(es) left behind")
+    # Its heartbeat's runningJobs does not list the lost attempt, so the server gives the job back.
+    rerun = user.wait(job_id, until=lambda job: job["attempts"] == 2 and job["status"] == "running")
+    assert rerun["workerId"] == "desk-1"
+
+
+def test_result_reaches_the_server_after_it_was_down_when_the_job_finished(tmp_path, server_env):
+    # A five-second heartbeat: the outage stays well short of "worker lost" (three missed beats).
+    server = _server(tmp_path, server_env, heartbeat=5)
+    user = Client(server).login()
+    folder = tmp_path / "desktop"
+    folder.mkdir()
+    shutil.copy(ROOT / "agent.py", folder / "agent.py")
+    agent = AgentProcess(folder / "agent.py", server.url, "desk-1", folder / "work", []).start()
+    go = tmp_path / "go"
+    try:
+        job_id = user.submit(f"echo before; while [ ! -e {go} ]; do sleep 0.05; done; echo after; exit 7")
+        user.wait(job_id, until=lambda job: job["stdout"] == "before\n")
+
+        server.kill()
+        go.touch()
+        wait_until(lambda: list((agent.work_dir / "results").glob("*.json")), message="the result to be spooled")
+        server.start()
+
+        job = Client(server).login().wait(job_id, within=20)
+        assert (job["status"], job["exitCode"], job["stdout"]) == ("failed", 7, "before\nafter\n")
+        wait_until(lambda: not list((agent.work_dir / "results").glob("*.json")), message="the spool to empty")
+        assert "kept on disk, will retry" in agent.log()
+    finally:
+        agent.stop()
+        server.stop()
+
+
+def test_a_spooled_result_survives_an_agent_restart(tmp_path, server_env):
+    server = _server(tmp_path, server_env, heartbeat=5)
+    user = Client(server).login()
+    folder = tmp_path / "desktop"
+    folder.mkdir()
+    shutil.copy(ROOT / "agent.py", folder / "agent.py")
+    agent = AgentProcess(folder / "agent.py", server.url, "desk-1", folder / "work", []).start()
+    go = tmp_path / "go"
+    try:
+        job_id = user.submit(f"while [ ! -e {go} ]; do sleep 0.05; done; echo done")
+        user.wait(job_id, until=lambda job: job["status"] == "running")
+        server.kill()
+        go.touch()
+        wait_until(lambda: list((agent.work_dir / "results").glob("*.json")), message="the result to be spooled")
+        assert agent.stop() == 0
+
+        server.start()
+        agent.start()
+
+        job = Client(server).login().wait(job_id, within=20)
+        assert (job["status"], job["exitCode"], job["stdout"]) == ("completed", 0, "done\n")
+    finally:
+        agent.stop()
+        server.stop()
+
+
+def test_first_stop_lets_the_running_job_finish(user, start_agent, tmp_path):
+    go = tmp_path / "go"
+    agent = start_agent("desk-1")
+    job_id = user.submit(f"echo start; while [ ! -e {go} ]; do sleep 0.05; done; echo finished")
+    user.wait(job_id, until=lambda job: job["stdout"] == "start\n")
+
+    agent.signal(signal.SIGTERM)
+    agent.wait_for_log("stopping: no new jobs; 1 running job(s) will finish")
+    second_job = user.submit("echo never")
+    time.sleep(0.3)
+    assert agent.process.poll() is None and user.status(job_id)["status"] == "running"
+    go.touch()
+
+    assert agent.process.wait(10) == 0
+    job = user.status(job_id)
+    assert (job["status"], job["exitCode"], job["stdout"]) == ("completed", 0, "start\nfinished\n")
+    assert user.status(second_job)["status"] == "queued"
+
+
+def test_second_stop_kills_the_running_job_and_reports_it_failed(user, start_agent):
+    agent = start_agent("desk-1")
+    job_id = user.submit("echo main $$; exec sleep 600")
+    pid = pids_in(user.wait(job_id, until=lambda job: "main" in (job["stdout"] or ""))["stdout"], "main")[0]
+
+    agent.signal(signal.SIGTERM)
+    agent.wait_for_log("stopping: no new jobs")
+    agent.signal(signal.SIGTERM)
+
+    assert agent.process.wait(10) == 0
+    job = user.status(job_id)
+    assert (job["status"], job["exitCode"]) == ("failed", 143)
+    assert "the agent was stopped" in job["error"]
+    assert wait_gone([pid]) == []
+
+
+def test_cancelling_a_silent_job_kills_its_whole_tree_within_5_seconds(user, start_agent):
+    command = (
+        f"'{sys.executable}' -c 'import os, signal, sys, time; os.setsid(); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print(\"stubborn\", os.getpid(), flush=True); time.sleep(600)' &\n"
+        "echo main $$\n"
+        "exec sleep 600\n"
+    )
+    agent = start_agent("desk-1")
+    job_id = user.submit(command)
+    stdout = user.wait(job_id, until=lambda job: "stubborn" in (job["stdout"] or "") and "main" in job["stdout"])["stdout"]
+    pids = pids_in(stdout, "main") + pids_in(stdout, "stubborn")
+
+    status, body = user.call("POST", "/api/jobs/cancel", {"jobId": job_id})
+    cancelled_at = time.monotonic()
+
+    assert status == 200, body
+    assert wait_gone(pids, within=5) == []
+    assert time.monotonic() - cancelled_at < 5
+    agent.wait_for_log(f"job {job_id} is no longer ours")
+    assert user.status(job_id)["status"] == "cancelled"
