@@ -1979,10 +1979,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _lan_address() -> str:
+    """The address other machines most likely reach this one at (the hostname often resolves to
+    127.0.1.1). Connecting a UDP socket sends nothing: it only asks which interface routes there."""
     try:
-        return socket.gethostbyname(socket.gethostname())
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))
+            return probe.getsockname()[0]
     except OSError:
-        return "localhost"
+        return socket.gethostname()
 
 
 async def _add_user_command(config: Config, email: str, role: str, password: str) -> None:
