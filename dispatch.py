@@ -89,7 +89,9 @@ MAX_REQUEST_BODY = 32 * 1024 * 1024  # JSON bodies: output chunks and results
 WS_QUEUE_LIMIT = 1000  # events a WebSocket client may fall behind before it is dropped
 SWEEP_INTERVAL = 60.0
 CREDENTIAL_PATHS = ("/api/", "/uploads/")  # other paths (the page, /metrics) take no user or worker credentials
-REFRESH_PATH = "/api/auth/refresh"  # reads its (possibly expired) token itself
+LOGIN_PATH, REFRESH_PATH = "/api/auth/login", "/api/auth/refresh"
+# Login needs no token (a stale cookie must not stop it); refresh reads its possibly expired one itself.
+SELF_AUTHENTICATING = frozenset({LOGIN_PATH, REFRESH_PATH})
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FILE_ID_PATTERN = re.compile(r"file-[0-9a-f]{32}")
 UPLOAD_PATH_PATTERN = re.compile(r"/uploads/(file-[0-9a-f]{32})/([^/]+)")
@@ -1130,7 +1132,7 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
     config = request.app[CONFIG]
     ip = _client_ip(request, config.trusted_proxy_list)
     try:
-        authenticates = request.path.startswith(CREDENTIAL_PATHS) and request.path != REFRESH_PATH
+        authenticates = request.path.startswith(CREDENTIAL_PATHS) and request.path not in SELF_AUTHENTICATING
         principal = await _authenticate(request) if authenticates else None
     except Unauthorized:
         _charge_rate_limit(request, f"ip:{ip}", config.rate_limit)
@@ -1214,6 +1216,7 @@ def _query_int(query, name: str, default: int, minimum: int, maximum: int) -> in
 
 
 async def login(request: web.Request) -> web.Response:
+    _refuse_cross_origin_change(request)  # another site must not log a visitor into its account
     body = await _json_body(request)
     email, password = body.get("email"), body.get("password")
     if not isinstance(email, str) or not email:
@@ -1912,7 +1915,7 @@ def create_app(config: Config) -> web.Application:
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(_add_rate_limit_headers)
     routes = [
-        web.post("/api/auth/login", login),
+        web.post(LOGIN_PATH, login),
         web.post("/api/auth/logout", logout),
         web.post(REFRESH_PATH, refresh),
         web.get("/api/auth/me", whoami),

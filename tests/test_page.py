@@ -1,0 +1,352 @@
+"""The web page in a real headless Chromium, against a real ``dispatch.py`` and a real ``agent.py``.
+
+One server and one agent serve the whole module (starting them is most of the cost); each test has
+its own browser context, so its own cookies. Every wait is bounded (Playwright's timeouts below).
+A screenshot of a finished job's page is kept in tests/artifacts/job-page.png (not committed).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, make_zip
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the page tests need Playwright (pip install playwright)")
+
+from page_support import CHROMIUM, Agent, Api, launch_chromium, start_server  # noqa: E402
+
+expect = sync_api.expect
+
+pytestmark = [
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"the page tests need Chromium at {CHROMIUM} (apt-get install chromium)"),
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the jobs here are /bin/sh commands"),
+]
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+WORKER_ID = "page-desktop"
+TIMEOUT_MS = 10_000
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+# --- the farm: one server, one agent, one browser for the module ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("page")
+    server = start_server(folder)
+    agent = Agent(folder / "desktop", server.url, WORKER_ID, "--concurrency", "2", "--tags", "linux")
+    try:
+        api = Api(server.url).login()
+        api.wait_for_worker(WORKER_ID, agent)
+        yield server, agent, api
+    finally:
+        agent.stop()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, farm):
+    """A fresh browser context (no cookies) on the farm's page. Uncaught script errors and CSP
+    violations fail the test."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=farm[0].url)
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+    page.on("console", lambda message: problems.append(f"console: {message.text}")
+            if "Content Security Policy" in message.text else None)
+    yield page
+    context.close()
+    assert not problems, problems
+
+
+@pytest.fixture
+def api(farm) -> Api:
+    return farm[2]
+
+
+def log_in(page, password: str = ADMIN_PASSWORD) -> None:
+    page.fill("#login-form [name=email]", ADMIN_EMAIL)
+    page.fill("#login-form [name=password]", password)
+    page.click("#login-form button[type=submit]")
+
+
+def last_tick(log) -> int:
+    return max(map(int, re.findall(r"tick (\d+)", log.inner_text())))
+
+
+def open_logged_in(page, path: str = "/") -> None:
+    page.goto(path)
+    log_in(page)
+    expect(page.locator("#who")).to_have_text(ADMIN_EMAIL)
+
+
+# --- tests -----------------------------------------------------------------------------------------
+
+
+def test_login_wrong_password_then_right_then_logout(page):
+    response = page.goto("/")
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in response.headers.get("content-security-policy", "")
+    assert "no-cache" in response.headers.get("cache-control", "")
+    expect(page.locator("#view-login")).to_be_visible()
+    expect(page.locator("#login-message")).to_be_hidden()  # a first visit is no error
+
+    log_in(page, "not-the-password")
+    expect(page.locator("#login-message")).to_have_text("Wrong email or password. Try again.")
+    expect(page.locator("#view-farm")).to_be_hidden()
+
+    log_in(page)
+    expect(page.locator("#view-farm")).to_be_visible()
+    expect(page.locator("#who")).to_have_text(ADMIN_EMAIL)
+    # The page never holds the token itself: the HttpOnly cookie does.
+    assert page.evaluate("JSON.stringify(localStorage) + JSON.stringify(sessionStorage)") == "{}{}"
+    cookies = {c["name"]: c for c in page.context.cookies()}
+    assert cookies["auth_token"]["httpOnly"] and cookies["auth_token"]["sameSite"] == "Strict"
+    assert "auth_token" not in page.evaluate("document.cookie")
+
+    page.reload()  # the cookie keeps the session
+    expect(page.locator("#who")).to_have_text(ADMIN_EMAIL)
+
+    page.click("#logout")
+    expect(page.locator("#login-message")).to_have_text("You are logged out.")
+    expect(page.locator("#workers tbody tr")).to_have_count(0)  # nothing of the farm is left in the page
+    page.reload()
+    expect(page.locator("#view-login")).to_be_visible()
+
+
+def test_expired_session_says_so_and_logging_in_again_works(page, farm, api):
+    server = farm[0]
+    secret = (server.data_dir / "jwt_secret").read_text().strip()
+    past = int(time.time()) - 3600
+    expired = jwt.encode({"sub": api.user["id"], "role": "admin", "jti": "expired-for-page-test",
+                          "iat": past - 86400, "exp": past}, secret, algorithm="HS256")
+    page.context.add_cookies([{"name": "auth_token", "value": expired, "url": server.url,
+                               "httpOnly": True, "sameSite": "Strict"}])
+    page.goto("/")
+    expect(page.locator("#login-message")).to_contain_text("session expired")
+    log_in(page)  # the stale cookie must not stand in the way
+    expect(page.locator("#who")).to_have_text(ADMIN_EMAIL)
+
+
+def test_submit_with_zip_follows_output_live_and_shows_exit_code(page, api):
+    open_logged_in(page, "/#/submit")
+    form = page.locator("#submit-form")
+    form.locator("[name=command]").fill(
+        'cat greeting.txt; for i in 1 2 3 4; do echo "line $i"; sleep 1; done; echo "to stderr" >&2')
+    form.locator("[name=workingDirectory]").fill("project")
+    form.locator("[name=timeout]").fill("60")
+    form.locator("label", has_text="high").click()
+    form.locator("[name=tags]").fill("linux")
+    form.locator("[name=file]").set_input_files({
+        "name": "project.zip", "mimeType": "application/zip",
+        "buffer": make_zip({"project/greeting.txt": "hello from the zip\n"})})
+    page.click("#submit-button")
+
+    expect(page).to_have_url(re.compile(r"#/jobs/job-[0-9a-f]+$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    assert page.locator("#upload-bar").evaluate("bar => bar.value") == 100
+    expect(page.locator("#upload-text")).to_have_text(re.compile(r"^Uploaded project\.zip"))
+
+    log = page.locator("#log")
+    expect(log).to_contain_text("line 1")
+    # The first line is on screen while the job still runs and before its last line exists.
+    expect(page.locator("#job-status")).to_have_text("running")
+    assert "line 4" not in log.inner_text()
+    assert api.job(job_id)["status"] == "running"
+    expect(log).to_contain_text("hello from the zip")
+
+    expect(page.locator("#job-status")).to_have_text("completed", timeout=15_000)
+    expect(page.locator("#job-exit")).to_have_text("exit 0")
+    text = log.inner_text()
+    assert text.count("line 1") == 1 and text.index("line 1") < text.index("line 4")  # once each, in order
+    expect(log.locator(".e")).to_have_text("to stderr\n")  # stderr is marked as such
+    expect(page.locator("#job-meta")).to_contain_text(WORKER_ID)
+    expect(page.locator("#job-meta")).to_contain_text("high")
+    download = page.locator("#job-file")
+    expect(download).to_have_text("⤓ project.zip")
+    assert re.fullmatch(r"/uploads/file-[0-9a-f]+/project\.zip", download.get_attribute("href"))
+    expect(page.locator("#job-cancel")).to_be_hidden()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "job-page.png"), full_page=True)
+
+    # The stream filter shows one stream at a time.
+    page.click("#log-streams button[data-stream=stdout]")
+    expect(log.locator(".e")).to_be_hidden()
+    expect(log.locator(".o").first).to_be_visible()
+
+
+def test_cancel_a_long_job_from_the_page_and_autoscroll(page, api):
+    open_logged_in(page, "/")
+    job_id = api.submit('seq -f "row %g" 1 80; i=0; while true; do i=$((i+1)); echo "tick $i"; sleep 0.3; done',
+                        timeout=120)
+
+    # The farm updates by itself: the worker turns busy with the job, and the job's row appears.
+    worker_row = page.locator("#workers tbody tr", has_text=WORKER_ID)
+    expect(worker_row.locator(".badge")).to_have_text("busy")
+    expect(worker_row).to_contain_text("seq -f")
+    job_row = page.locator(f"#jobs tbody tr[data-href='#/jobs/{job_id}']")
+    expect(job_row.locator(".badge")).to_have_text("running")
+
+    job_row.locator("td").last.click()  # anywhere on the row opens the job
+    expect(page).to_have_url(re.compile(f"#/jobs/{job_id}$"))
+    log = page.locator("#log")
+    expect(log).to_contain_text("tick 2")
+
+    # Following: the newest line is in view. Scrolling up stops that; new lines do not pull the view
+    # back down until the reader returns to the bottom (here with the button).
+    distance_from_bottom = "el => el.scrollHeight - el.scrollTop - el.clientHeight"
+    assert log.evaluate("el => el.scrollHeight > el.clientHeight + 100")
+    expect(log).to_contain_text(f"tick {last_tick(log) + 1}")
+    assert log.evaluate(distance_from_bottom) < 30
+    log.hover()
+    page.mouse.wheel(0, -400)
+    expect(page.locator("#log-follow")).to_be_visible()
+    top = log.evaluate("el => el.scrollTop")
+    expect(log).to_contain_text(f"tick {last_tick(log) + 3}")
+    assert log.evaluate("el => el.scrollTop") == top
+    page.click("#log-follow")
+    expect(page.locator("#log-follow")).to_be_hidden()
+    expect(log).to_contain_text(f"tick {last_tick(log) + 2}")
+    assert log.evaluate(distance_from_bottom) < 30
+
+    cancel = page.locator("#job-cancel")
+    cancel.click()
+    expect(cancel).to_have_text("Click again to cancel")
+    assert api.job(job_id)["status"] == "running"  # one click only arms it
+    cancel.click()
+
+    expect(page.locator("#job-status")).to_have_text("cancelled")
+    expect(cancel).to_be_hidden()
+    expect(page.locator("#job-error")).to_contain_text("cancelled by")
+    assert api.job(job_id)["status"] == "cancelled"
+
+
+def test_run_again_reuses_the_input_and_shows_field_errors(page, api):
+    file_url = api.upload(make_zip({"greeting.txt": "hello again\n"}), "again.zip")
+    first = api.submit("cat greeting.txt", fileUrl=file_url, priority="low", tags=["linux"])
+    api.wait_for_job(first)
+
+    open_logged_in(page, f"/#/jobs/{first}")
+    expect(page.locator("#job-status")).to_have_text("completed")
+    page.click("#job-rerun")
+    expect(page).to_have_url(re.compile(r"#/submit\?from="))
+    form = page.locator("#submit-form")
+    expect(form.locator("[name=command]")).to_have_value("cat greeting.txt")
+    expect(form.locator("[name=tags]")).to_have_value("linux")
+    expect(form.locator("[name=priority][value=low]")).to_be_checked()
+    expect(page.locator("#reuse")).to_contain_text("again.zip")
+
+    # The server's 400 names the field; the page puts the message under that field.
+    directory = form.locator("[name=workingDirectory]")
+    directory.fill("../outside")
+    page.click("#submit-button")
+    expect(form.locator(".field-error")).to_contain_text("workingDirectory must be a relative path")
+    expect(directory).to_have_attribute("aria-invalid", "true")
+    assert "/submit" in page.url
+
+    directory.fill("")
+    page.click("#submit-button")
+    expect(page).to_have_url(re.compile(r"#/jobs/job-[0-9a-f]+$"))
+    second = page.url.rsplit("/", 1)[1]
+    assert second != first
+    expect(page.locator("#job-status")).to_have_text("completed")
+    expect(page.locator("#log")).to_have_text("hello again\n")
+    assert api.job(second)["fileUrl"] == file_url
+
+
+def test_output_with_html_and_ansi_stays_text(page, api):
+    payload = "<script>window.pwned=1</script><img src=x onerror=window.pwned=1>"
+    job_id = api.submit(f"echo '{payload}'; printf '\\033[1;31mred\\033[0m plain\\n'; exit 5")
+    api.wait_for_job(job_id)
+
+    open_logged_in(page, "/")
+    row = page.locator(f"#jobs tbody tr[data-href='#/jobs/{job_id}']")
+    expect(row.locator(".cmd")).to_contain_text(payload)  # the command, too, is text
+
+    page.goto(f"/#/jobs/{job_id}")
+    expect(page.locator("#job-status")).to_have_text("failed")
+    expect(page.locator("#job-exit")).to_have_text("exit 5")
+    log = page.locator("#log")
+    expect(log).to_contain_text(payload)
+    expect(page.locator("#job-command")).to_contain_text(payload)
+    assert page.evaluate("window.pwned") is None
+    assert page.locator("#log img, #log script, #job-command img, #jobs img").count() == 0
+    assert page.evaluate("document.scripts.length") == 1  # only the page's own
+
+    # ANSI colour codes are rendered (bold red), not shown as escape junk.
+    text = log.inner_text()
+    assert "red plain" in text and "\x1b" not in text and "[1;31m" not in text
+    red = log.locator("span", has_text=re.compile(r"^red$"))
+    assert red.evaluate("el => getComputedStyle(el).color") == "rgb(255, 107, 107)"
+    assert red.evaluate("el => getComputedStyle(el).fontWeight") == "700"
+
+
+def test_jobs_table_filters_sort_and_pages(page, api):
+    # Jobs tagged for no worker stay queued: a stable set to page through.
+    parked = [api.submit(f"echo parked {n}", tags=["parked"]) for n in range(27)]
+    open_logged_in(page, "/")
+
+    page.select_option("#job-filters [name=status]", "queued")
+    expect(page).to_have_url(re.compile(r"#/\?status=queued$"))
+    expect(page.locator("#jobs-range")).to_have_text("1–25 of 27")
+    expect(page.locator("#jobs tbody tr")).to_have_count(25)
+    expect(page.locator("#jobs tbody tr").first).to_have_attribute("data-href", f"#/jobs/{parked[-1]}")  # newest first
+    page.click("#jobs-next")
+    expect(page.locator("#jobs-range")).to_have_text("26–27 of 27")
+    expect(page.locator("#jobs-next")).to_be_disabled()
+    page.click("#jobs-prev")
+    expect(page.locator("#jobs-range")).to_have_text("1–25 of 27")
+
+    page.select_option("#job-filters [name=sort]", "createdAt")
+    expect(page.locator("#jobs tbody tr").first).to_have_attribute("data-href", f"#/jobs/{parked[0]}")
+
+    page.select_option("#job-filters [name=status]", "")
+    page.select_option("#job-filters [name=worker]", WORKER_ID)
+    expect(page).to_have_url(re.compile(rf"#/\?sort=createdAt&worker={WORKER_ID}$"))
+    ran_here = api.call("GET", f"/api/jobs/list?workerId={WORKER_ID}&limit=1")[1]["total"]
+    expect(page.locator("#jobs-range")).to_have_text(f"1–{min(ran_here, 25)} of {ran_here}")
+    workers = page.locator("#jobs tbody tr td:nth-child(4)").all_inner_texts()
+    assert workers and set(workers) == {WORKER_ID}
+
+    # Workers: one row, with what the agent reported, and a heartbeat counted in seconds.
+    row = page.locator("#workers tbody tr", has_text=WORKER_ID)
+    expect(row.locator(".badge")).to_have_text(re.compile("^(online|busy)$"))
+    expect(row).to_contain_text(re.compile(r"\d+ s ago"))
+    expect(row.locator(".tag")).to_have_text("linux")
+
+    for job_id in parked:  # leave the queue as it was
+        api.call("POST", "/api/jobs/cancel", {"jobId": job_id})
+
+
+def test_phone_width_and_dark_scheme(browser, farm):
+    context = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme="dark", base_url=farm[0].url,
+                                  is_mobile=True, has_touch=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        open_logged_in(page, "/")
+        expect(page.locator("#workers tbody tr").first).to_be_visible()
+        # Nothing pushes the page sideways; wide tables scroll inside their panel.
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert sum(map(int, re.findall(r"\d+", background)[:3])) < 100, background  # dark
+    finally:
+        context.close()
