@@ -647,6 +647,8 @@ class _ProcessTree:
                 )
             self._windows_job = None
             return
+        if self._popen.poll() is not None and not self._group_alive() and not _marked_pids(self._marker):
+            return  # it ended by itself and left nothing behind: no signal, no wait
         self._signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while self._alive() and time.monotonic() < deadline:
@@ -661,6 +663,15 @@ class _ProcessTree:
 
     def _alive(self) -> bool:
         return self._popen.poll() is None or bool(_marked_pids(self._marker))
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self._popen.pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:  # exists, but not ours to signal
+            pass
+        return True
 
     def _signal(self, sig: int) -> None:
         for pid in _marked_pids(self._marker):
@@ -698,8 +709,9 @@ class _Output:
     """One job's stdout and stderr on their way to the server.
 
     Two threads read the pipes (binary-safe, UTF-8 decoded incrementally so a character split
-    across reads survives); the job's thread batches what they read and sends it in order, at
-    most OUTPUT_FLUSH_SECONDS late. Memory stays bounded: while the server is slow or down, output
+    across reads survives) and queue what they read, then an end-of-file mark; the job's thread
+    batches it and sends it in order, at most OUTPUT_FLUSH_SECONDS late. wake() lets the job's
+    thread notice the command's exit at once rather than at its next poll. Memory stays bounded: while the server is slow or down, output
     piles up only to OUTPUT_PENDING_CHARS, then the readers wait and so does the job.
     """
 
@@ -714,6 +726,7 @@ class _Output:
         self._retry_at = 0.0
         self._backoff = _Backoff()
         self._closed = threading.Event()
+        self._open = set(STREAMS)  # streams whose end-of-file mark has not been taken yet
         self._readers = [
             threading.Thread(target=self._read, args=(stream, pipe), daemon=True)
             for stream, pipe in zip(STREAMS, (stdout, stderr))
@@ -730,30 +743,40 @@ class _Output:
                 except OSError:
                     chunk = b""
                 text = decoder.decode(chunk, final=not chunk)
-                while text and not self._closed.is_set():
-                    try:
-                        self._queue.put((stream, text), timeout=STEP_SECONDS)
-                        text = ""
-                    except queue.Full:
-                        pass
+                if text:
+                    self._put((stream, text))
                 if not chunk:
+                    self._put((stream, None))  # end of file
                     return
+
+    def _put(self, item) -> None:
+        """Queue an item, waiting while the queue is full (so the job waits) unless closed."""
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=STEP_SECONDS)
+                return
+            except queue.Full:
+                pass
+
+    def wake(self) -> None:
+        """Make a waiting pump() return now (the command has exited)."""
+        with contextlib.suppress(queue.Full):  # a full queue wakes it anyway
+            self._queue.put_nowait(None)
 
     def wait_eof(self, seconds: float) -> None:
         """Pump until both pipes are at end of file, or `seconds` have passed."""
         deadline = time.monotonic() + seconds
-        while any(reader.is_alive() for reader in self._readers) and time.monotonic() < deadline:
-            self.pump(STEP_SECONDS)
+        while self._open and (left := deadline - time.monotonic()) > 0:
+            self.pump(min(STEP_SECONDS, left))
         self.pump(0)
 
     def pump(self, wait: float) -> None:
         """Take what the readers have (waiting up to `wait` seconds for it) and send due batches."""
         if self._held < OUTPUT_PENDING_CHARS:
             try:
-                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-                self._add(*item)
+                self._take(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
                 while self._held < OUTPUT_BATCH_CHARS:
-                    self._add(*self._queue.get_nowait())
+                    self._take(self._queue.get_nowait())
             except queue.Empty:
                 pass
         else:
@@ -776,7 +799,7 @@ class _Output:
         self.close()
         with contextlib.suppress(queue.Empty):
             while True:
-                self._add(*self._queue.get_nowait())
+                self._take(self._queue.get_nowait())
         if self._held and time.monotonic() >= self._retry_at:
             self._flush()
         return tuple(_trim("".join(self._pending[stream]), RESULT_OUTPUT_CHARS) for stream in STREAMS)
@@ -784,6 +807,15 @@ class _Output:
     def close(self) -> None:
         """Let the reader threads end even if a pipe never reaches end of file."""
         self._closed.set()
+
+    def _take(self, item) -> None:
+        if item is None:  # a wake-up
+            return
+        stream, text = item
+        if text is None:
+            self._open.discard(stream)
+        else:
+            self._add(stream, text)
 
     def _add(self, stream: str, text: str) -> None:
         if self._first_at is None:
@@ -855,6 +887,7 @@ def run_job(command: str, cwd: Path, *, env: dict, marker: str, timeout: float, 
     proc = _spawn(command, cwd, env)
     tree = _ProcessTree(proc, marker)
     output = _Output(send_output, proc.stdout, proc.stderr)
+    threading.Thread(target=lambda: (proc.wait(), output.wake()), daemon=True).start()
     exit_code, error = None, None
     grace = KILL_GRACE_SECONDS
     try:
@@ -942,14 +975,18 @@ def _total_memory_mb() -> Optional[int]:
         return None
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a file atomically (a crash leaves the old or the new one), readable by its owner only."""
+def _write_private(path: Path, text: str, *, sync: bool = True) -> None:
+    """Write a file atomically (a crash leaves the old or the new one), readable by its owner only.
+
+    Without `sync` the file survives the agent's own crash but not a power cut.
+    """
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with open(fd, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -1161,8 +1198,9 @@ class Agent:
             }
             if result.error:
                 body["error"] = result.error
-            # On disk first: the result survives a server outage and an agent restart.
-            _write_private(self._spool_dir / f"{job.key}.json", json.dumps(body))
+            # On disk first: the result survives a server outage and an agent restart. No fsync: it
+            # costs more than the job itself for a short one, and a power cut loses the job anyway.
+            _write_private(self._spool_dir / f"{job.key}.json", json.dumps(body), sync=False)
             with self._lock:
                 self._unsent[job.key] = job.job_id
                 self._jobs_completed += 1
