@@ -347,16 +347,16 @@ class RateLimiter:
 # ============================================================================
 
 
-def _row_dict(row: aiosqlite.Row | None) -> dict | None:
-    return dict(row) if row is not None else None
-
-
 class Store:
     """The SQLite database. Every write is one autocommitted statement, so a 2xx is on disk
     (WAL) before it is sent, and no coroutine can see another's half-done transaction."""
 
     def __init__(self, conn: aiosqlite.Connection):
         self._conn = conn
+        # Worker tokens are asked about on every worker call and change only when a worker is
+        # deleted, so they are kept in memory; a lookup that raced a delete is not kept.
+        self._workers_by_token: dict[str, dict] = {}
+        self._worker_deletions = 0
 
     @classmethod
     async def open(cls, path: Path) -> "Store":
@@ -371,17 +371,19 @@ class Store:
     async def close(self) -> None:
         await self._conn.close()
 
+    # One thread hop per statement (execute_fetchall), not three (execute, fetch, close): the hop,
+    # not SQLite, is most of what a call costs.
+
     async def _one(self, sql: str, params: tuple | dict = ()) -> dict | None:
-        async with self._conn.execute(sql, params) as cur:
-            return _row_dict(await cur.fetchone())
+        rows = await self._conn.execute_fetchall(sql, params)
+        return dict(rows[0]) if rows else None
 
     async def _all(self, sql: str, params: tuple | dict = ()) -> list[dict]:
-        async with self._conn.execute(sql, params) as cur:
-            return [dict(r) for r in await cur.fetchall()]
+        return [dict(row) for row in await self._conn.execute_fetchall(sql, params)]
 
     async def _write(self, sql: str, params: tuple | dict = ()) -> int:
-        async with self._conn.execute(sql, params) as cur:
-            return cur.rowcount
+        """Run an INSERT, UPDATE or DELETE; returns how many rows it touched."""
+        return len(await self._conn.execute_fetchall(sql + " RETURNING 1", params))
 
     # -- health and metrics --------------------------------------------------
 
@@ -467,7 +469,13 @@ class Store:
             raise Conflict("Worker already registered", code="WORKER_EXISTS") from None
 
     async def worker_by_token_hash(self, token_hash: str) -> dict | None:
-        return await self._one("SELECT id, tags FROM workers WHERE token_hash = ?", (token_hash,))
+        worker = self._workers_by_token.get(token_hash)
+        if worker is None:
+            deletions = self._worker_deletions
+            worker = await self._one("SELECT id, tags FROM workers WHERE token_hash = ?", (token_hash,))
+            if worker is not None and deletions == self._worker_deletions:
+                self._workers_by_token[token_hash] = worker
+        return worker
 
     async def get_worker(self, worker_id: str, cutoff: str) -> dict | None:
         return await self._one(f"SELECT * FROM ({self._WORKER_VIEW}) WHERE id = :id",
@@ -491,7 +499,10 @@ class Store:
             (now, status, jobs_completed, worker_id))
 
     async def delete_worker(self, worker_id: str) -> bool:
-        return await self._write("DELETE FROM workers WHERE id = ?", (worker_id,)) > 0
+        deleted = await self._write("DELETE FROM workers WHERE id = ?", (worker_id,)) > 0
+        self._worker_deletions += 1
+        self._workers_by_token = {h: w for h, w in self._workers_by_token.items() if w["id"] != worker_id}
+        return deleted
 
     async def count_online_workers(self, cutoff: str) -> int:
         return (await self._one("SELECT COUNT(*) AS n FROM workers WHERE last_heartbeat >= ?", (cutoff,)))["n"]
@@ -845,34 +856,40 @@ def joined_output(job: dict, parts: dict[tuple[str, str], str]) -> dict[str, str
 
 
 class QueueBell:
-    """Wakes long-polling workers the moment a job may be available."""
+    """Wakes long-polling workers the moment a job may be for them: one worker per job, the one
+    waiting longest among those that have the job's tags, so a thousand idle agents cost one
+    claim per job, not a thousand."""
 
     def __init__(self) -> None:
-        self._waiters: set[asyncio.Future] = set()
+        self._waiters: dict[asyncio.Future, frozenset] = {}  # in the order they started waiting
         self.closed = False
 
-    def listen(self) -> asyncio.Future:
-        """A future that completes at the next ring. Take it *before* looking at the queue, so a
-        job submitted in between is never missed."""
+    def listen(self, worker_tags: frozenset) -> asyncio.Future:
+        """A future that completes when a job for these tags is announced; its result is the job's
+        tags (None: look anyway). Take it *before* looking at the queue, so a job submitted in
+        between is never missed."""
         future = asyncio.get_running_loop().create_future()
         if self.closed:
             future.set_result(None)
         else:
-            self._waiters.add(future)
+            self._waiters[future] = worker_tags
         return future
 
     def forget(self, future: asyncio.Future) -> None:
-        self._waiters.discard(future)
+        self._waiters.pop(future, None)
 
-    def ring(self) -> None:
-        waiters, self._waiters = self._waiters, set()
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)
+    def ring(self, job_tags: Optional[list[str]]) -> None:
+        """Announce one queued job (None: wake every waiting worker)."""
+        for future, worker_tags in list(self._waiters.items()):
+            if job_tags is None or worker_tags.issuperset(job_tags):
+                del self._waiters[future]
+                future.set_result(job_tags)
+                if job_tags is not None:
+                    return
 
     def close(self) -> None:
         self.closed = True
-        self.ring()
+        self.ring(None)
 
 
 # The WebSocket event type that announces each job state.
@@ -960,7 +977,7 @@ def announce(app: web.Application, job: dict) -> None:
     app[HUB].publish(job_event(job))
     status, where = job["status"], f" on {job['worker_id']}" if job["worker_id"] else ""
     if status == JobState.QUEUED:
-        app[BELL].ring()
+        app[BELL].ring(json.loads(job["tags"]))
     elif status == JobState.RUNNING:
         app[METRICS].job_wait.observe(_seconds_between(job["created_at"], job["started_at"]))
     elif job["started_at"]:
@@ -1491,25 +1508,12 @@ async def get_job(request: web.Request) -> web.Response:
     worker = _worker(request)
     wait = _query_float(request.query, "wait", 0.0, 0.0, MAX_LONG_POLL_SECONDS)
     app = request.app
-    deadline = time.monotonic() + wait
-    store = app[STORE]
-    while True:
-        ring = app[BELL].listen()
-        try:
-            if _client_gone(request):
-                return web.Response(status=204)  # nobody to hand a job to
-            job = await store.claim_next_job(worker.id, worker.tags, _iso(_utcnow()))
-            remaining = deadline - time.monotonic()
-            if job is not None or remaining <= 0 or app[BELL].closed:
-                break
-            await asyncio.wait({ring}, timeout=remaining)
-        finally:
-            app[BELL].forget(ring)
+    job = await _claim_or_wait(request, worker, wait)
     if job is None:
         return web.Response(status=204)
     if _client_gone(request):  # it hung up while we claimed: the job goes back, untouched
-        await store.release_job(job["id"], worker.id, job["attempt"])
-        app[BELL].ring()
+        await app[STORE].release_job(job["id"], worker.id, job["attempt"])
+        app[BELL].ring(json.loads(job["tags"]))
         return web.Response(status=204)
     announce(app, job)
     base = app[CONFIG].public_url.rstrip("/") or f"{request.scheme}://{request.host}"
@@ -1518,6 +1522,32 @@ async def get_job(request: web.Request) -> web.Response:
         "jobId": job["id"], "command": job["command"], "fileUrl": file_url,
         "workingDirectory": job["working_directory"], "timeout": job["timeout"],
         "attempt": job["attempt"], "tags": json.loads(job["tags"])}})
+
+
+async def _claim_or_wait(request: web.Request, worker: Principal, wait: float) -> dict | None:
+    """Claim the best job for the worker, waiting up to ``wait`` seconds for one to be announced.
+    A wake-up this worker cannot use (it hung up, or its claim took another job) is passed on."""
+    bell, store = request.app[BELL], request.app[STORE]
+    tags = frozenset(json.loads(worker.tags))
+    deadline = time.monotonic() + wait
+    while True:
+        ring = bell.listen(tags)
+        try:
+            job = await store.claim_next_job(worker.id, worker.tags, _iso(_utcnow()))
+            if job is not None:
+                if ring.done():  # it rang while we claimed: the job it announced may be another one
+                    bell.ring(ring.result())
+                return job
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or bell.closed:
+                return None
+            await asyncio.wait({ring}, timeout=remaining)
+            if _client_gone(request):
+                if ring.done():
+                    bell.ring(ring.result())
+                return None
+        finally:
+            bell.forget(ring)
 
 
 def _client_gone(request: web.Request) -> bool:

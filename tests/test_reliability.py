@@ -224,3 +224,21 @@ async def test_a_restarted_worker_gives_back_the_jobs_it_no_longer_runs(api):
     assert (job["status"], job["error"]) == ("queued", "worker worker-001 lost; requeued")
     bad = await api.call("POST", "/api/workers/heartbeat", worker=worker, json={"runningJobs": "all"})
     assert bad.status == 400
+
+
+async def test_a_tagged_job_wakes_a_worker_that_has_its_tags_even_behind_one_that_does_not(api):
+    token = await api.admin()
+    plain = await api.register("plain")
+    gpu = await api.register("gpu-box", tags=["gpu"])
+    plain_poll = asyncio.ensure_future(api.claim(plain, wait=5))
+    await asyncio.sleep(0.2)  # "plain" has waited longest
+    gpu_poll = asyncio.ensure_future(api.claim(gpu, wait=5))
+    await asyncio.sleep(0.2)
+
+    started = time.monotonic()
+    job_id = await api.submit(token, tags=["gpu"])
+    job = await asyncio.wait_for(gpu_poll, 2)
+
+    assert job["jobId"] == job_id and time.monotonic() - started < 1
+    assert not plain_poll.done()
+    plain_poll.cancel()
