@@ -42,9 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 import zipfile
 import zlib
@@ -240,61 +238,81 @@ def parse_config(argv: Optional[list] = None, environ: Optional[dict] = None) ->
 # === HTTP ====================================================================
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Never follow a redirect: urllib would carry the worker token to wherever it points."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+_connections = threading.local()  # each thread keeps one connection per server: no handshake per request
 
 
-_opener = urllib.request.build_opener(_NoRedirect)
+def _connection(scheme: str, netloc: str, timeout: float) -> tuple:
+    """This thread's kept-alive connection to `netloc`, and whether it was used before."""
+    cache = _connections.__dict__.setdefault("by_origin", {})
+    conn = cache.get((scheme, netloc))
+    reused = conn is not None
+    if conn is None:
+        kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        conn = cache[(scheme, netloc)] = kind(netloc, timeout=timeout)
+    conn.timeout = timeout
+    if conn.sock is not None:
+        conn.sock.settimeout(timeout)
+    return conn, reused
+
+
+def _forget_connection(scheme: str, netloc: str) -> None:
+    conn = _connections.__dict__.get("by_origin", {}).pop((scheme, netloc), None)
+    if conn is not None:
+        conn.close()
 
 
 def _request(method, url, *, headers=None, body=None, timeout=HTTP_TIMEOUT_SECONDS, into=None):
     """Send one request; return (status, parsed JSON body or None) for a 2xx answer.
 
     With `into` (a binary file) a 2xx body is copied there instead. Raises ServerUnavailable for
-    network errors, 5xx and 429, and Refused for any other answer.
+    network errors, 5xx and 429, and Refused for any other answer (a redirect is never followed:
+    it would carry the worker token to wherever it points).
     """
     headers = dict(headers or {})
     data = None
     if body is not None:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         headers["Content-Type"] = "application/json"
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    parts = urllib.parse.urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
     log.debug("%s %s", method, url)
-    try:
-        with _opener.open(req, timeout=timeout) as resp:
-            if into is not None:
-                shutil.copyfileobj(resp, into, 1024 * 1024)
-                return resp.status, None
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as err:
-        message, retry_after = _read_error(err)
-        if err.code == 429 or err.code >= 500:
-            raise ServerUnavailable(f"HTTP {err.code}: {message}", retry_after) from None
-        raise Refused(err.code, message) from None
-    except (OSError, http.client.HTTPException, ValueError) as err:
-        # Refused connections, timeouts, resets, a truncated or non-JSON answer: all "try later".
-        reason = getattr(err, "reason", None) or err  # URLError wraps the socket error
-        raise ServerUnavailable(f"{method} {urllib.parse.urlsplit(url).path} failed: {reason}") from None
+    for _ in range(2):
+        conn, reused = _connection(parts.scheme, parts.netloc, timeout)
+        try:
+            conn.request(method, target, body=data, headers=headers)
+            resp = conn.getresponse()
+            if 200 <= resp.status < 300:
+                if into is not None:
+                    shutil.copyfileobj(resp, into, 1024 * 1024)
+                    return resp.status, None
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else None
+            message, retry_after = _read_error(resp)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as err:
+            _forget_connection(parts.scheme, parts.netloc)
+            if reused:
+                continue  # the server closed a kept-alive connection before reading this request: once more
+            raise ServerUnavailable(f"{method} {parts.path} failed: {err}") from None
+        except (OSError, http.client.HTTPException, ValueError) as err:
+            # Refused connections, timeouts, a truncated or non-JSON answer: all "try later".
+            _forget_connection(parts.scheme, parts.netloc)
+            raise ServerUnavailable(f"{method} {parts.path} failed: {err}") from None
+        if resp.status == 429 or resp.status >= 500:
+            raise ServerUnavailable(f"HTTP {resp.status}: {message}", retry_after)
+        raise Refused(resp.status, message)
+    raise ServerUnavailable(f"{method} {parts.path} failed: connection closed twice")
 
 
-def _read_error(err: urllib.error.HTTPError) -> tuple:
+def _read_error(resp: http.client.HTTPResponse) -> tuple:
     """The message and Retry-After (seconds) of an error answer in the contract's JSON shape."""
     try:
-        payload = json.loads(err.read(64 * 1024))
-    except (AttributeError, OSError, ValueError, http.client.HTTPException):  # AttributeError: no body
+        payload = json.loads(resp.read(64 * 1024))
+    except (OSError, ValueError, http.client.HTTPException):
         payload = None
-    finally:
-        with contextlib.suppress(AttributeError, OSError):
-            err.close()
     if not isinstance(payload, dict):
         payload = {}
-    message = str(payload.get("message") or payload.get("error") or err.reason)
-    value = err.headers.get("Retry-After") if err.headers else None
-    value = value or payload.get("retryAfter")
+    message = str(payload.get("message") or payload.get("error") or resp.reason)
+    value = resp.headers.get("Retry-After") or payload.get("retryAfter")
     try:
         retry_after = float(value)
     except (TypeError, ValueError):

@@ -2115,12 +2115,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"added {args.role} {args.email}")
         return 0
     app = create_app(config)
-
-    async def banner(app: web.Application) -> None:
-        _print_banner(app)
-
-    app.on_startup.append(banner)
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    # run_app "prints" once the socket listens: the banner then tells the truth.
+    web.run_app(app, host=config.host, port=config.port, print=lambda _message: _print_banner(app),
+                access_log=None)
     return 0
 
 
