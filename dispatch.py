@@ -590,15 +590,15 @@ class Store:
             return False
         half = cap // 2
         head_room = max(0, half - (row["total"] - len(data)))
-        insert = "INSERT INTO job_output (job_id, attempt, stream, part, data) VALUES (?, ?, ?, ?, ?)"
-        if head_room:
-            await self._write(insert, (job_id, attempt, stream, "head", data[:head_room]))
+        insert = "INSERT INTO job_output (job_id, attempt, stream, part, size, data) VALUES (?, ?, ?, ?, ?, ?)"
+        if head := data[:head_room]:
+            await self._write(insert, (job_id, attempt, stream, "head", len(head), head))
         if tail := data[head_room:][-half:]:
-            await self._write(insert, (job_id, attempt, stream, "tail", tail))
+            await self._write(insert, (job_id, attempt, stream, "tail", len(tail), tail))
             if row["total"] > cap:
                 await self._write(
                     """DELETE FROM job_output WHERE chunk IN (
-                         SELECT chunk FROM (SELECT chunk, SUM(length(data)) OVER (ORDER BY chunk DESC) AS kept
+                         SELECT chunk FROM (SELECT chunk, SUM(size) OVER (ORDER BY chunk DESC) AS kept
                                             FROM job_output WHERE job_id = ? AND attempt = ? AND stream = ?
                                               AND part = 'tail')
                          WHERE kept > ?)""", (job_id, attempt, stream, half))
@@ -2067,6 +2067,8 @@ class _JsonFormatter(logging.Formatter):
 
 
 def _escape_controls(text: str) -> str:
+    if text.isprintable():
+        return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 

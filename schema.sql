@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS job_output (
     attempt INTEGER NOT NULL,
     stream  TEXT NOT NULL CHECK (stream IN ('stdout', 'stderr')),
     part    TEXT NOT NULL CHECK (part IN ('head', 'tail')),
+    size    INTEGER NOT NULL,  -- length(data), before it: trimming the tail reads no data
     data    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_output_job ON job_output (job_id, attempt, stream, part, chunk);
