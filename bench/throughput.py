@@ -284,7 +284,7 @@ async def sim_drain(farm: DispatchFarm, n: int, agents: int, *, concurrency: int
                                 {"workerId": f"sim-{uuid.uuid4().hex[:8]}-{i}", "hostname": "sim"},
                                 token=REGISTRATION_TOKEN)
         tokens.append(body["token"])
-    base_done, base_seq = farm.finished()[0], farm.max_seq()
+    base_seq = farm.max_seq()
     submit_profiler = Profiler(server_pid, profile / "server-submit") if profile else None
     if submit_profiler:
         submit_profiler.__enter__()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import dispatch  # noqa: E402
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "admin-password"
 REGISTRATION_TOKEN = "registration-token-for-tests"
+FINISHED = ("completed", "failed", "cancelled")
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")  # the API's one timestamp format
 
 
@@ -185,13 +190,73 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_environment() -> dict[str, str]:
+def server_environment(**extra: str) -> dict[str, str]:
     """The environment of a test server: known admin and registration token, limits off."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
     env.update(DISPATCH_ADMIN_EMAIL=ADMIN_EMAIL, DISPATCH_ADMIN_PASSWORD=ADMIN_PASSWORD,
                DISPATCH_REGISTRATION_TOKEN=REGISTRATION_TOKEN, DISPATCH_RATE_LIMIT="0",
-               DISPATCH_WORKER_RATE_LIMIT="0", DISPATCH_BCRYPT_ROUNDS="4", PYTHONUNBUFFERED="1")
+               DISPATCH_WORKER_RATE_LIMIT="0", DISPATCH_BCRYPT_ROUNDS="4", PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+class LiveApi:
+    """The user side of a real server's API over urllib, as a script would use it."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.token: str | None = None
+        self.user: dict | None = None
+
+    def call(self, method: str, path: str, body=None, *, data: bytes | None = None,
+             content_type: str | None = None) -> tuple[int, dict | None]:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        if body is not None:
+            data, content_type = json.dumps(body).encode(), "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            with err:
+                return err.code, json.loads(err.read() or b"null")
+
+    def login(self, email: str = ADMIN_EMAIL, password: str = ADMIN_PASSWORD) -> "LiveApi":
+        self.token = None
+        status, body = self.call("POST", "/api/auth/login", {"email": email, "password": password})
+        assert status == 200, body
+        self.token, self.user = body["token"], body["user"]
+        return self
+
+    def upload(self, content: bytes, name: str = "project.zip") -> str:
+        boundary = uuid.uuid4().hex
+        data = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                f"Content-Type: application/zip\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        status, body = self.call("POST", "/api/files/upload", data=data,
+                                 content_type=f"multipart/form-data; boundary={boundary}")
+        assert status == 201, body
+        return body["url"]
+
+    def submit(self, command: str, **fields) -> str:
+        status, body = self.call("POST", "/api/jobs/submit", {"command": command, "timeout": 60, **fields})
+        assert status == 201, body
+        return body["jobId"]
+
+    def status(self, job_id: str) -> dict:
+        status, body = self.call("GET", f"/api/jobs/status?jobId={job_id}")
+        assert status == 200, body
+        return body["job"]
+
+    def wait(self, job_id: str, until=lambda job: job["status"] in FINISHED, within: float = 15) -> dict:
+        """The job once ``until(job)`` holds (by default: once it has finished)."""
+        deadline = time.monotonic() + within
+        while True:
+            job = self.status(job_id)
+            if until(job):
+                return job
+            assert time.monotonic() < deadline, f"gave up waiting for job {job_id}: {job}"
+            time.sleep(0.05)
 
 
 @pytest.fixture

@@ -55,12 +55,12 @@ def main(argv=None) -> int:
                     api.submit("sh test.sh", **run),
                     api.submit("sh lint.sh", **run, priority="low")]
             for job_id in done:
-                api.wait_for_job(job_id)
+                api.wait(job_id)
             cancelled = api.submit("sleep 300", tags=["docker"])
-            api.wait_for_job(cancelled, until=lambda job: job["status"] == "running")
+            api.wait(cancelled, until=lambda job: job["status"] == "running")
             api.call("POST", "/api/jobs/cancel", {"jobId": cancelled})
             rendering = api.submit("sh render.sh", **run, tags=["gpu"], timeout=3600)
-            api.wait_for_job(rendering, until=lambda job: job["status"] == "running")
+            api.wait(rendering, until=lambda job: job["status"] == "running")
             api.submit("sh test.sh", **run, tags=["windows"])  # no such worker: it waits in the queue
             api.submit("make docs", tags=["windows"], priority="low")
             time.sleep(3)  # a few frames of output, heartbeats a few seconds old

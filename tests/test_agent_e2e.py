@@ -16,79 +16,17 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, ServerProcess
+from conftest import REGISTRATION_TOKEN, ROOT, LiveApi, ServerProcess
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="jobs use /bin/sh and /proc")
 
-FINISHED = ("completed", "failed", "cancelled")
-
 # --- fixtures: the processes -------------------------------------------------------------
-
-
-class Client:
-    """The user side of the API, over urllib."""
-
-    def __init__(self, server: ServerProcess):
-        self.server = server
-        self.token = None
-
-    def call(self, method: str, path: str, body=None, *, data: bytes | None = None, content_type=None):
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        if body is not None:
-            data, content_type = json.dumps(body).encode(), "application/json"
-        if content_type:
-            headers["Content-Type"] = content_type
-        request = urllib.request.Request(self.server.url + path, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as err:
-            with err:
-                return err.code, json.loads(err.read() or b"null")
-
-    def login(self) -> "Client":
-        self.token = None
-        status, body = self.call("POST", "/api/auth/login", {"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD})
-        assert status == 200, body
-        self.token = body["token"]
-        return self
-
-    def upload(self, content: bytes, name: str = "project.zip") -> str:
-        boundary = uuid.uuid4().hex
-        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
-                f"Content-Type: application/octet-stream\r\n\r\n")
-        data = head.encode() + content + f"\r\n--{boundary}--\r\n".encode()
-        status, body = self.call("POST", "/api/files/upload", data=data,
-                                 content_type=f"multipart/form-data; boundary={boundary}")
-        assert status == 201, body
-        return body["url"]
-
-    def submit(self, command: str, **fields) -> str:
-        status, body = self.call("POST", "/api/jobs/submit", {"command": command, "timeout": 30, **fields})
-        assert status == 201, body
-        return body["jobId"]
-
-    def status(self, job_id: str) -> dict:
-        status, body = self.call("GET", f"/api/jobs/status?jobId={job_id}")
-        assert status == 200, body
-        return body["job"]
-
-    def wait(self, job_id: str, until=lambda job: job["status"] in FINISHED, within: float = 10) -> dict:
-        deadline = time.monotonic() + within
-        while True:
-            job = self.status(job_id)
-            if until(job):
-                return job
-            assert time.monotonic() < deadline, f"gave up waiting for job {job_id}: {job}"
-            time.sleep(0.05)
 
 
 class AgentProcess:
@@ -154,8 +92,8 @@ def server(tmp_path, server_env):
 
 
 @pytest.fixture
-def user(server) -> Client:
-    return Client(server).login()
+def user(server) -> LiveApi:
+    return LiveApi(server.url).login()
 
 
 @pytest.fixture
@@ -257,7 +195,8 @@ def test_output_is_visible_while_the_job_runs(user, start_agent, tmp_path):
     start_agent("desk-1")
     job_id = user.submit(f"echo first; echo warming >&2; while [ ! -e {go} ]; do sleep 0.05; done; echo second")
 
-    running = user.wait(job_id, until=lambda job: "first" in (job["stdout"] or ""))
+    # stdout and stderr are read by separate threads, so they may arrive in separate batches
+    running = user.wait(job_id, until=lambda job: "first" in job["stdout"] and "warming" in job["stderr"])
     assert running["status"] == "running"
     assert running["stdout"] == "first\n" and running["stderr"] == "warming\n"
     go.touch()
@@ -420,7 +359,7 @@ def test_a_restarted_agent_kills_what_its_killed_predecessor_left_running(user, 
 def test_result_reaches_the_server_after_it_was_down_when_the_job_finished(tmp_path, server_env):
     # A five-second heartbeat: the outage stays well short of "worker lost" (three missed beats).
     server = _server(tmp_path, server_env, heartbeat=5)
-    user = Client(server).login()
+    user = LiveApi(server.url).login()
     folder = tmp_path / "desktop"
     folder.mkdir()
     shutil.copy(ROOT / "agent.py", folder / "agent.py")
@@ -435,7 +374,7 @@ def test_result_reaches_the_server_after_it_was_down_when_the_job_finished(tmp_p
         wait_until(lambda: list((agent.work_dir / "results").glob("*.json")), message="the result to be spooled")
         server.start()
 
-        job = Client(server).login().wait(job_id, within=20)
+        job = LiveApi(server.url).login().wait(job_id, within=20)
         assert (job["status"], job["exitCode"], job["stdout"]) == ("failed", 7, "before\nafter\n")
         wait_until(lambda: not list((agent.work_dir / "results").glob("*.json")), message="the spool to empty")
         assert "kept on disk, will retry" in agent.log()
@@ -446,7 +385,7 @@ def test_result_reaches_the_server_after_it_was_down_when_the_job_finished(tmp_p
 
 def test_a_spooled_result_survives_an_agent_restart(tmp_path, server_env):
     server = _server(tmp_path, server_env, heartbeat=5)
-    user = Client(server).login()
+    user = LiveApi(server.url).login()
     folder = tmp_path / "desktop"
     folder.mkdir()
     shutil.copy(ROOT / "agent.py", folder / "agent.py")
@@ -463,7 +402,7 @@ def test_a_spooled_result_survives_an_agent_restart(tmp_path, server_env):
         server.start()
         agent.start()
 
-        job = Client(server).login().wait(job_id, within=20)
+        job = LiveApi(server.url).login().wait(job_id, within=20)
         assert (job["status"], job["exitCode"], job["stdout"]) == ("completed", 0, "done\n")
     finally:
         agent.stop()

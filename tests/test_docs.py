@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import dispatch
-from conftest import ROOT, config  # noqa: F401  (config is a fixture)
+from conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 

@@ -169,7 +169,7 @@ def test_submit_with_zip_follows_output_live_and_shows_exit_code(page, api):
     # The first line is on screen while the job still runs and before its last line exists.
     expect(page.locator("#job-status")).to_have_text("running")
     assert "line 4" not in log.inner_text()
-    assert api.job(job_id)["status"] == "running"
+    assert api.status(job_id)["status"] == "running"
     expect(log).to_contain_text("hello from the zip")
 
     expect(page.locator("#job-status")).to_have_text("completed", timeout=15_000)
@@ -230,19 +230,19 @@ def test_cancel_a_long_job_from_the_page_and_autoscroll(page, api):
     cancel = page.locator("#job-cancel")
     cancel.click()
     expect(cancel).to_have_text("Click again to cancel")
-    assert api.job(job_id)["status"] == "running"  # one click only arms it
+    assert api.status(job_id)["status"] == "running"  # one click only arms it
     cancel.click()
 
     expect(page.locator("#job-status")).to_have_text("cancelled")
     expect(cancel).to_be_hidden()
     expect(page.locator("#job-error")).to_contain_text("cancelled by")
-    assert api.job(job_id)["status"] == "cancelled"
+    assert api.status(job_id)["status"] == "cancelled"
 
 
 def test_run_again_reuses_the_input_and_shows_field_errors(page, api):
     file_url = api.upload(make_zip({"greeting.txt": "hello again\n"}), "again.zip")
     first = api.submit("cat greeting.txt", fileUrl=file_url, priority="low", tags=["linux"])
-    api.wait_for_job(first)
+    api.wait(first)
 
     open_logged_in(page, f"/#/jobs/{first}")
     expect(page.locator("#job-status")).to_have_text("completed")
@@ -269,13 +269,13 @@ def test_run_again_reuses_the_input_and_shows_field_errors(page, api):
     assert second != first
     expect(page.locator("#job-status")).to_have_text("completed")
     expect(page.locator("#log")).to_have_text("hello again\n")
-    assert api.job(second)["fileUrl"] == file_url
+    assert api.status(second)["fileUrl"] == file_url
 
 
 def test_output_with_html_and_ansi_stays_text(page, api):
     payload = "<script>window.pwned=1</script><img src=x onerror=window.pwned=1>"
     job_id = api.submit(f"echo '{payload}'; printf '\\033[1;31mred\\033[0m plain\\n'; exit 5")
-    api.wait_for_job(job_id)
+    api.wait(job_id)
 
     open_logged_in(page, "/")
     row = page.locator(f"#jobs tbody tr[data-href='#/jobs/{job_id}']")
