@@ -356,14 +356,19 @@ def test_a_restarted_agent_kills_what_its_killed_predecessor_left_running(user, 
     assert rerun["workerId"] == "desk-1"
 
 
-def test_result_reaches_the_server_after_it_was_down_when_the_job_finished(tmp_path, server_env):
-    # A five-second heartbeat: the outage stays well short of "worker lost" (three missed beats).
+def _outage_farm(tmp_path, server_env) -> tuple:
+    """A server, a logged-in user and one agent, for tests that take the server (or agent) down.
+    A five-second heartbeat: the outage stays well short of "worker lost" (three missed beats)."""
     server = _server(tmp_path, server_env, heartbeat=5)
-    user = LiveApi(server.url).login()
     folder = tmp_path / "desktop"
     folder.mkdir()
     shutil.copy(ROOT / "agent.py", folder / "agent.py")
     agent = AgentProcess(folder / "agent.py", server.url, "desk-1", folder / "work", []).start()
+    return server, LiveApi(server.url).login(), agent
+
+
+def test_result_reaches_the_server_after_it_was_down_when_the_job_finished(tmp_path, server_env):
+    server, user, agent = _outage_farm(tmp_path, server_env)
     go = tmp_path / "go"
     try:
         job_id = user.submit(f"echo before; while [ ! -e {go} ]; do sleep 0.05; done; echo after; exit 7")
@@ -384,12 +389,7 @@ def test_result_reaches_the_server_after_it_was_down_when_the_job_finished(tmp_p
 
 
 def test_a_spooled_result_survives_an_agent_restart(tmp_path, server_env):
-    server = _server(tmp_path, server_env, heartbeat=5)
-    user = LiveApi(server.url).login()
-    folder = tmp_path / "desktop"
-    folder.mkdir()
-    shutil.copy(ROOT / "agent.py", folder / "agent.py")
-    agent = AgentProcess(folder / "agent.py", server.url, "desk-1", folder / "work", []).start()
+    server, user, agent = _outage_farm(tmp_path, server_env)
     go = tmp_path / "go"
     try:
         job_id = user.submit(f"while [ ! -e {go} ]; do sleep 0.05; done; echo done")
