@@ -11,14 +11,16 @@ Embed:  web.run_app(create_app(Config.from_env()))
 Sections (``grep -n '^# ===' dispatch.py``): constants, errors, config, rate limiter,
 storage, domain rules, HTTP handlers, app, CLI.
 
-Endpoints (all under /api; the route table in ``create_app`` is the index):
-  POST /auth/login, /auth/logout, /auth/refresh
-  GET/POST /users, DELETE /users/{id}                       (admin)
-  POST /workers/register, /workers/heartbeat
-  GET /workers/list, /workers/{id}; DELETE /workers/{id}
-  POST /jobs/submit; GET /jobs/status, /jobs/list; GET /jobs/stream (WebSocket)
-  GET /jobs/get-job; POST /jobs/stream-output, /jobs/submit-result   (workers)
-  POST /files/upload; GET /files/download/{fileId}; GET /uploads/{fileId}/{name}
+Endpoints (the route table in ``create_app`` is the index):
+  POST /api/auth/login, /api/auth/logout, /api/auth/refresh; GET /api/auth/me
+  GET/POST /api/users, DELETE /api/users/{id}                               (admin)
+  POST /api/workers/register, /api/workers/heartbeat
+  GET /api/workers/list, /api/workers/{id}; DELETE /api/workers/{id}
+  POST /api/jobs/submit, /api/jobs/cancel; GET /api/jobs/status, /api/jobs/list
+  GET /api/jobs/stream (WebSocket)
+  GET /api/jobs/get-job; POST /api/jobs/stream-output, /api/jobs/submit-result    (workers)
+  POST /api/files/upload; GET /api/files/download/{fileId}, /uploads/{fileId}/{name}
+  GET / (the web page), /api/health, /metrics
 """
 
 from __future__ import annotations
@@ -1437,7 +1439,7 @@ async def submit_job(request: web.Request) -> web.Response:
     store = request.app[STORE]
     command = _require_string(body, "command", max_length=MAX_COMMAND_BYTES)
     priority = body.get("priority", "normal")
-    if priority not in PRIORITY_RANK:
+    if not isinstance(priority, str) or priority not in PRIORITY_RANK:
         raise _invalid_field("priority", "priority must be low, normal or high")
     file_id = file_name = None
     if body.get("fileUrl") not in (None, ""):

@@ -90,6 +90,24 @@ def test_random_json_bodies_never_get_a_500(farm, endpoint, body):
         assert {"error", "message", "code"} <= set(json.loads(text))
 
 
+# A valid base and random other fields, so validation past the first required field is reached too.
+VALID_BASES = [
+    ("/api/jobs/submit", "admin", {"command": "make"}),
+    ("/api/workers/register", "registration", {"workerId": "fuzzed", "hostname": "h"}),
+    ("/api/workers/heartbeat", "worker", {"workerId": "fuzz-worker"}),
+    ("/api/users", "admin", {"email": "fuzzed@example.com", "password": "fuzzed-password"}),
+]
+
+
+@FUZZ
+@given(endpoint=st.sampled_from(VALID_BASES),
+       extra=st.dictionaries(st.sampled_from(FIELDS), json_values, min_size=1, max_size=4))
+def test_a_valid_body_with_random_other_fields_never_gets_a_500(farm, endpoint, extra):
+    path, who, base = endpoint
+    status, text = farm.request("POST", path, farm.credentials[who], {**extra, **base})
+    assert status < 500, text
+
+
 @FUZZ
 @given(endpoint=st.sampled_from(GET_ENDPOINTS), query=queries)
 def test_random_query_strings_never_get_a_500(farm, endpoint, query):

@@ -714,3 +714,11 @@ async def test_a_submitted_job_survives_a_restart(api, make_client):
     assert (job["status"], job["command"], job["timeout"]) == ("queued", "make release", 42)
     worker = await restarted.register()
     assert (await restarted.claim(worker))["jobId"] == job_id
+
+
+async def test_a_priority_that_is_not_a_string_is_400(api):
+    response = await api.call("POST", "/api/jobs/submit", token=await api.admin(),
+                              json={"command": "make", "priority": ["high"]})
+
+    assert response.status == 400
+    assert (await response.json())["details"] == {"field": "priority"}
