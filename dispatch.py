@@ -367,6 +367,11 @@ class Store:
         await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute("PRAGMA synchronous = NORMAL")  # survives kill -9; fsync per checkpoint
         await conn.execute("PRAGMA busy_timeout = 5000")
+        found = (await conn.execute_fetchall("PRAGMA user_version"))[0][0]
+        if found > SCHEMA_VERSION:
+            await conn.close()
+            raise RuntimeError(f"{path} has schema version {found}, newer than this dispatch.py knows "
+                               f"({SCHEMA_VERSION}): run the newer dispatch.py, or restore a backup")
         await conn.executescript(SCHEMA_PATH.read_text())
         return cls(conn)
 
@@ -505,9 +510,6 @@ class Store:
         self._worker_deletions += 1
         self._workers_by_token = {h: w for h, w in self._workers_by_token.items() if w["id"] != worker_id}
         return deleted
-
-    async def count_online_workers(self, cutoff: str) -> int:
-        return (await self._one("SELECT COUNT(*) AS n FROM workers WHERE last_heartbeat >= ?", (cutoff,)))["n"]
 
     # -- files ---------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import dispatch
@@ -243,3 +244,13 @@ def test_json_logs_carry_one_line_per_request_and_no_secret(tmp_path, server_env
                         ("GET", "/api/health", 200)]
     assert [line["who"] for line in lines if line.get("route") == "/api/jobs/submit"] == [f"user:{ADMIN_EMAIL}"]
     assert token not in log and ADMIN_PASSWORD not in log
+
+
+async def test_a_database_from_a_newer_dispatch_is_refused(config):
+    config.data_path.mkdir(parents=True)
+    newer = sqlite3.connect(config.data_path / "dispatch.db")
+    newer.execute("PRAGMA user_version = 99")
+    newer.close()
+
+    with pytest.raises(RuntimeError, match="schema version 99"):
+        await dispatch.Store.open(config.data_path / "dispatch.db")
