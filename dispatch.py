@@ -573,7 +573,7 @@ class Store:
         One UPDATE, so two workers polling at once can never both get it."""
         return await self._one(
             """UPDATE jobs SET status = 'running', worker_id = :worker, attempt = attempt + 1, started_at = :now,
-                              stdout_bytes = 0, stderr_bytes = 0
+                              stdout_chars = 0, stderr_chars = 0
                WHERE id = (SELECT j.id FROM jobs j WHERE j.status = 'queued'
                              AND NOT EXISTS (SELECT 1 FROM json_each(j.tags) t
                                              WHERE t.value NOT IN (SELECT value FROM json_each(:tags)))
@@ -585,7 +585,7 @@ class Store:
                             cap: int) -> bool:
         """Append a chunk if the worker holds that attempt of the running job (False otherwise).
         A stream keeps its first cap/2 characters and its last cap/2; the middle is only counted."""
-        counter = {"stdout": "stdout_bytes", "stderr": "stderr_bytes"}[stream]
+        counter = f"{stream}_chars"  # stream is stdout or stderr, checked at the edge
         row = await self._one(
             f"UPDATE jobs SET {counter} = {counter} + ? WHERE id = ? AND status = 'running'"
             f" AND worker_id = ? AND attempt = ? RETURNING {counter} AS total",
@@ -611,11 +611,9 @@ class Store:
     async def output_parts(self, job_id: str, attempt: int) -> dict[tuple[str, str], str]:
         """The kept output of one attempt: {(stream, "head"|"tail"): text}."""
         parts: dict[tuple[str, str], list[str]] = {}
-        async with self._conn.execute(
-                "SELECT stream, part, data FROM job_output WHERE job_id = ? AND attempt = ? ORDER BY chunk",
-                (job_id, attempt)) as cur:
-            async for stream, part, data in cur:
-                parts.setdefault((stream, part), []).append(data)
+        for row in await self._all("SELECT stream, part, data FROM job_output WHERE job_id = ? AND attempt = ?"
+                                   " ORDER BY chunk", (job_id, attempt)):
+            parts.setdefault((row["stream"], row["part"]), []).append(row["data"])
         return {key: "".join(chunks) for key, chunks in parts.items()}
 
     async def set_progress(self, job_id: str, progress: int) -> None:
@@ -807,7 +805,7 @@ def _validate_working_directory(value: Any) -> str | None:
             or any(ord(c) < 32 for c in value)):
         raise _invalid_field("workingDirectory",
                              "workingDirectory must be a relative path inside the project, without '..'")
-    return "/".join(p for p in parts if p not in ("", "."))  or None
+    return "/".join(p for p in parts if p not in ("", ".")) or None
 
 
 def _validate_timeout(value: Any) -> int:
@@ -853,7 +851,7 @@ def joined_output(job: dict, parts: dict[tuple[str, str], str]) -> dict[str, str
     output = {}
     for stream in ("stdout", "stderr"):
         head, tail = parts.get((stream, "head"), ""), parts.get((stream, "tail"), "")
-        dropped = job[f"{stream}_bytes"] - len(head) - len(tail)
+        dropped = job[f"{stream}_chars"] - len(head) - len(tail)
         marker = f"\n[... dispatch dropped {dropped} characters of {stream} here (output cap) ...]\n"
         output[stream] = head + (marker if dropped > 0 else "") + tail
     return output
@@ -1156,14 +1154,13 @@ async def auth_middleware(request: web.Request, handler) -> web.StreamResponse:
         authenticates = request.path.startswith(CREDENTIAL_PATHS) and request.path not in SELF_AUTHENTICATING
         principal = await _authenticate(request) if authenticates else None
     except Unauthorized:
-        _charge_rate_limit(request, f"ip:{ip}", config.rate_limit)
+        _charge_rate_limit(request, f"ip:{ip}", config.rate_limit)  # wrong guesses cost the guesser's IP
         raise
     if principal is None:
         _charge_rate_limit(request, f"ip:{ip}", config.rate_limit)
-    elif principal.kind == "worker":
-        _charge_rate_limit(request, f"worker:{principal.id}", config.worker_rate_limit)
     else:
-        _charge_rate_limit(request, f"user:{principal.id}", config.rate_limit)
+        limit = config.worker_rate_limit if principal.kind == "worker" else config.rate_limit
+        _charge_rate_limit(request, f"{principal.kind}:{principal.id}", limit)
     if principal is not None and principal.via_cookie:
         _refuse_cross_origin_change(request)
     request[PRINCIPAL] = principal
@@ -1209,8 +1206,8 @@ def _page(request: web.Request, sort_columns: dict[str, str], default_sort: str,
     """limit, offset and an ORDER BY from a whitelisted sort key. The tie-break follows the
     direction, so ``-key`` is exactly the reverse of ``key``."""
     query = request.query
-    limit = _query_int(query, "limit", 100, 1, 1000)
-    offset = _query_int(query, "offset", 0, 0, 2**53)
+    limit = _query_number(query, "limit", 100, 1, 1000)
+    offset = _query_number(query, "offset", 0, 0, 2**53)
     sort = query.get("sort", default_sort)
     descending = sort.startswith("-")
     column = sort_columns.get(sort[1:] if descending else sort)
@@ -1220,16 +1217,23 @@ def _page(request: web.Request, sort_columns: dict[str, str], default_sort: str,
     return {"limit": limit, "offset": offset, "order": f"{column} {direction}, {tiebreak} {direction}"}
 
 
-def _query_int(query, name: str, default: int, minimum: int, maximum: int) -> int:
+def _page_json(page: dict, total: int, key: str, items: list[dict]) -> web.Response:
+    """A list answer: the items under ``key`` with total, limit, offset and hasMore."""
+    return _json({"success": True, "total": total, "limit": page["limit"], "offset": page["offset"],
+                  "hasMore": page["offset"] + len(items) < total, key: items})
+
+
+def _query_number(query, name: str, default, minimum, maximum, *, parse=int, what: str = "a whole number"):
+    """A number from the query string, ``default`` if absent; InvalidRequest if it is not one in range."""
     raw = query.get(name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        value = minimum - 1
+        value = math.nan
     if not minimum <= value <= maximum:
-        raise _invalid_field(name, f"{name} must be a whole number from {minimum} to {maximum}")
+        raise _invalid_field(name, f"{name} must be {what} from {minimum} to {maximum}")
     return value
 
 
@@ -1398,9 +1402,7 @@ async def list_workers(request: web.Request) -> web.Response:
     tags = [t.strip() for t in request.query.get("tags", "").split(",") if t.strip()]
     total, rows = await request.app[STORE].list_workers(
         cutoff=_heartbeat_cutoff(request.app[CONFIG]), status=status, tags=tags, **page)
-    return _json({"success": True, "total": total, "limit": page["limit"], "offset": page["offset"],
-                  "hasMore": page["offset"] + len(rows) < total,
-                  "workers": [_worker_json(r, detail=False) for r in rows]})
+    return _page_json(page, total, "workers", [_worker_json(r, detail=False) for r in rows])
 
 
 async def get_worker(request: web.Request) -> web.Response:
@@ -1503,14 +1505,14 @@ async def list_jobs(request: web.Request) -> web.Response:
     if status is not None and status not in {s.value for s in JobState}:
         raise _invalid_field("status", f"status must be one of {', '.join(s.value for s in JobState)}")
     total, rows = await request.app[STORE].list_jobs(status=status, worker_id=request.query.get("workerId"), **page)
-    return _json({"success": True, "total": total, "limit": page["limit"], "offset": page["offset"],
-                  "hasMore": page["offset"] + len(rows) < total, "jobs": [_job_summary(r) for r in rows]})
+    return _page_json(page, total, "jobs", [_job_summary(r) for r in rows])
 
 
 async def get_job(request: web.Request) -> web.Response:
     """A worker asks for work; with ``?wait=N`` the request waits up to N seconds for a job."""
     worker = _worker(request)
-    wait = _query_float(request.query, "wait", 0.0, 0.0, MAX_LONG_POLL_SECONDS)
+    wait = _query_number(request.query, "wait", 0, 0, MAX_LONG_POLL_SECONDS, parse=float,
+                         what="a number of seconds")
     app = request.app
     job = await _claim_or_wait(request, worker, wait)
     if job is None:
@@ -1556,19 +1558,6 @@ async def _claim_or_wait(request: web.Request, worker: Principal, wait: float) -
 
 def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
-
-
-def _query_float(query, name: str, default: float, minimum: float, maximum: float) -> float:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not minimum <= value <= maximum:
-        raise _invalid_field(name, f"{name} must be a number of seconds from {minimum:g} to {maximum:g}")
-    return value
 
 
 def _job_lock(app: web.Application, job_id: str) -> asyncio.Lock:

@@ -58,8 +58,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     max_attempts      INTEGER NOT NULL DEFAULT 3,  -- hand-outs a lost worker may cost before the job fails
     retries           INTEGER NOT NULL DEFAULT 0,  -- re-runs allowed after a non-zero exit
     retried           INTEGER NOT NULL DEFAULT 0,
-    stdout_bytes      INTEGER NOT NULL DEFAULT 0,  -- output received in the current attempt,
-    stderr_bytes      INTEGER NOT NULL DEFAULT 0,  -- kept or not (see job_output.part)
+    stdout_chars      INTEGER NOT NULL DEFAULT 0,  -- output received in the current attempt,
+    stderr_chars      INTEGER NOT NULL DEFAULT 0,  -- kept or not (see job_output.part)
     progress          INTEGER,
     exit_code         INTEGER,
     error             TEXT,
