@@ -1077,6 +1077,7 @@ class Agent:
             shutil.rmtree(leftover, ignore_errors=True)
         self._cache.clean()
         for path in self._spool_dir.glob("*.json"):
+            self._unsent[path.stem] = None  # an unreadable one is still there to be dropped
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 self._unsent[path.stem] = json.loads(path.read_text(encoding="utf-8")).get("jobId")
         self._token = self._load_token()
@@ -1302,6 +1303,9 @@ class Agent:
         Raises ServerUnavailable (or Refused 401) when the server cannot take them yet. Without
         `wait`, returns at once if another thread is already at it.
         """
+        with self._lock:
+            if not self._unsent:  # the spool's contents, kept in memory: no directory scan per poll
+                return
         if not self._spool_lock.acquire(blocking=wait):
             return
         try:
