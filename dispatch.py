@@ -8,8 +8,10 @@ Run:    python dispatch.py [--host HOST] [--port PORT] [--data-dir DIR]
 Users:  python dispatch.py user add EMAIL --role admin|user [--password-stdin]
 Embed:  web.run_app(create_app(Config.from_env()))
 
-Sections (``grep -n '^# ===' dispatch.py``): constants, errors, config, rate limiter,
-storage, domain rules, HTTP handlers, app, CLI.
+Sections (``grep -n '^# ===' dispatch.py``), in dependency order: calls go down the file,
+HTTP -> domain -> storage. Constants, errors, configuration, rate limiter, storage (every SQL
+statement), domain (users, input rules, the job life cycle in ``Jobs``), events, HTTP (app keys,
+middleware, handlers named ``*_view``), app, CLI.
 
 Endpoints (the route table in ``create_app`` is the index):
   POST /api/auth/login, /api/auth/logout, /api/auth/refresh; GET /api/auth/me
@@ -26,10 +28,11 @@ Endpoints (the route table in ``create_app`` is the index):
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["Config", "DispatchError", "JobState", "create_app", "main"]
+__all__ = ["Clock", "Config", "DispatchError", "JobState", "Jobs", "Store", "create_app", "decide_outcome", "main"]
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import datetime as dt
@@ -53,7 +56,7 @@ import uuid
 import weakref
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import aiohttp_cors
 import aiosqlite
@@ -66,9 +69,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 log = logging.getLogger("dispatch")
 access_log = logging.getLogger("dispatch.access")
 
-# ============================================================================
-# Constants
-# ============================================================================
+
+# === Constants ===
+
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 PAGE_PATH = Path(__file__).with_name("dispatch.html")
@@ -76,7 +79,7 @@ PAGE_PATH = Path(__file__).with_name("dispatch.html")
 PAGE_SECURITY_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
                         "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
                         "form-action 'self'")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 TOKEN_LIFETIME = dt.timedelta(hours=24)
 REFRESH_GRACE = dt.timedelta(days=7)  # an expired token may still be refreshed this long
@@ -87,6 +90,7 @@ MAX_TAGS = 32
 MAX_TAG_LENGTH = 64
 MAX_ATTEMPTS_LIMIT = 10
 MAX_RETRIES = 10
+EXIT_TIMEOUT = 124  # a timed-out attempt's exit code, as coreutils `timeout` (the agent uses it too)
 MAX_REQUEST_BODY = 32 * 1024 * 1024  # JSON bodies: output chunks and results
 WS_QUEUE_LIMIT = 1000  # events a WebSocket client may fall behind before it is dropped
 SWEEP_INTERVAL = 60.0
@@ -96,7 +100,8 @@ LOGIN_PATH, REFRESH_PATH = "/api/auth/login", "/api/auth/refresh"
 SELF_AUTHENTICATING = frozenset({LOGIN_PATH, REFRESH_PATH})
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FILE_ID_PATTERN = re.compile(r"file-[0-9a-f]{32}")
-UPLOAD_PATH_PATTERN = re.compile(r"/uploads/(file-[0-9a-f]{32})/([^/]+)")
+UPLOAD_ROUTE = "/uploads/{file_id}/{name}"  # the one place an upload's URL is spelled
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an agent process's id for its get-job polls
 
 
 class JobState(str, Enum):
@@ -125,8 +130,15 @@ WORKER_SORT_COLUMNS = {
 }
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+class Clock:
+    """The time, injectable: tests move a job's life forward without sleeping."""
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.now(dt.timezone.utc)
+
+    def iso(self, delta_seconds: float = 0.0) -> str:
+        """Now (plus ``delta_seconds``) in the API's timestamp format."""
+        return _iso(self.now() + dt.timedelta(seconds=delta_seconds))
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -142,9 +154,8 @@ def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-# ============================================================================
-# Errors
-# ============================================================================
+# === Errors ===
+
 
 
 class DispatchError(Exception):
@@ -218,32 +229,48 @@ def _invalid_field(field: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, details={"field": field})
 
 
-# ============================================================================
-# Configuration
-# ============================================================================
+# === Configuration ===
 
-# Every setting once: (field, flag, environment variable, type, default, help).
-# --help, Config.from_env and the README's configuration table all come from here.
-SETTINGS: tuple[tuple[str, str | None, str, type, Any, str], ...] = (
-    ("host", "--host", "DISPATCH_HOST", str, "0.0.0.0", "address to listen on (a LAN box must be reachable)"),
-    ("port", "--port", "DISPATCH_PORT", int, 3000, "port to listen on"),
-    ("data_dir", "--data-dir", "DISPATCH_DATA_DIR", str, "./data", "database, uploads and secrets"),
-    ("admin_email", None, "DISPATCH_ADMIN_EMAIL", str, "admin@localhost", "first admin, created on the first start"),
-    ("admin_password", None, "DISPATCH_ADMIN_PASSWORD", str, "", "first admin's password (random and printed once if unset)"),
-    ("registration_token", None, "DISPATCH_REGISTRATION_TOKEN", str, "", "token agents register with (generated once into the data dir if unset)"),
-    ("rate_limit", None, "DISPATCH_RATE_LIMIT", int, 100, "requests per minute per user or IP; 0 turns limiting off"),
-    ("worker_rate_limit", None, "DISPATCH_WORKER_RATE_LIMIT", int, 6000, "requests per minute per worker (output streaming); 0 turns it off"),
-    ("max_upload_mb", None, "DISPATCH_MAX_UPLOAD_MB", int, 500, "largest upload in MB"),
-    ("file_ttl_days", None, "DISPATCH_FILE_TTL_DAYS", int, 30, "days an upload is kept"),
-    ("heartbeat_interval", None, "DISPATCH_HEARTBEAT_INTERVAL", float, 30.0, "seconds between agent heartbeats; offline after three missed"),
-    ("max_output_mb", None, "DISPATCH_MAX_OUTPUT_MB", int, 10, "output kept per stream per job in MB"),
-    ("job_retention_days", None, "DISPATCH_JOB_RETENTION_DAYS", int, 30, "days finished jobs are kept"),
-    ("metrics_token", None, "DISPATCH_METRICS_TOKEN", str, "", "token for /metrics (unset: loopback only)"),
-    ("public_url", None, "DISPATCH_PUBLIC_URL", str, "", "base of absolute URLs (unset: the request's host)"),
-    ("cors_origins", None, "DISPATCH_CORS_ORIGINS", str, "", "comma list of browser origins allowed cross-origin"),
-    ("trusted_proxies", None, "DISPATCH_TRUSTED_PROXIES", str, "", "comma list of proxy IPs whose X-Forwarded-For is believed"),
-    ("bcrypt_rounds", None, "DISPATCH_BCRYPT_ROUNDS", int, 12, "bcrypt cost of new password hashes (4-16)"),
-    ("log_format", "--log-format", "DISPATCH_LOG_FORMAT", str, "text", "log lines as text or json"),
+
+class Setting(NamedTuple):
+    """One setting. --help, ``Config.from_env`` and the README's table all come from SETTINGS."""
+
+    field: str
+    flag: Optional[str]
+    env: str
+    kind: type
+    default: Any
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "--host", "DISPATCH_HOST", str, "0.0.0.0", "address to listen on (a LAN box must be reachable)"),
+    Setting("port", "--port", "DISPATCH_PORT", int, 3000, "port to listen on"),
+    Setting("data_dir", "--data-dir", "DISPATCH_DATA_DIR", str, "./data", "database, uploads and secrets"),
+    Setting("admin_email", None, "DISPATCH_ADMIN_EMAIL", str, "admin@localhost",
+            "first admin, created on the first start"),
+    Setting("admin_password", None, "DISPATCH_ADMIN_PASSWORD", str, "",
+            "first admin's password (random and printed once if unset)"),
+    Setting("registration_token", None, "DISPATCH_REGISTRATION_TOKEN", str, "",
+            "token agents register with (generated once into the data dir if unset)"),
+    Setting("rate_limit", None, "DISPATCH_RATE_LIMIT", int, 100,
+            "requests per minute per user or IP; 0 turns limiting off"),
+    Setting("worker_rate_limit", None, "DISPATCH_WORKER_RATE_LIMIT", int, 6000,
+            "requests per minute per worker (output streaming); 0 turns it off"),
+    Setting("max_upload_mb", None, "DISPATCH_MAX_UPLOAD_MB", int, 500, "largest upload in MB"),
+    Setting("file_ttl_days", None, "DISPATCH_FILE_TTL_DAYS", int, 30, "days an upload is kept"),
+    Setting("heartbeat_interval", None, "DISPATCH_HEARTBEAT_INTERVAL", float, 30.0,
+            "seconds between agent heartbeats; offline after three missed"),
+    Setting("max_output_mb", None, "DISPATCH_MAX_OUTPUT_MB", int, 10, "output kept per stream per job in MB"),
+    Setting("job_retention_days", None, "DISPATCH_JOB_RETENTION_DAYS", int, 30, "days finished jobs are kept"),
+    Setting("metrics_token", None, "DISPATCH_METRICS_TOKEN", str, "", "token for /metrics (unset: loopback only)"),
+    Setting("public_url", None, "DISPATCH_PUBLIC_URL", str, "", "base of absolute URLs (unset: the request's host)"),
+    Setting("cors_origins", None, "DISPATCH_CORS_ORIGINS", str, "",
+            "comma list of browser origins allowed cross-origin"),
+    Setting("trusted_proxies", None, "DISPATCH_TRUSTED_PROXIES", str, "",
+            "comma list of proxy IPs whose X-Forwarded-For is believed"),
+    Setting("bcrypt_rounds", None, "DISPATCH_BCRYPT_ROUNDS", int, 12, "bcrypt cost of new password hashes (4-16)"),
+    Setting("log_format", "--log-format", "DISPATCH_LOG_FORMAT", str, "text", "log lines as text or json"),
 )
 
 
@@ -276,13 +303,13 @@ class Config:
         """Read every setting from ``environ`` (default ``os.environ``); ``overrides`` (flags) win."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for field, _flag, env, kind, _default, _help in SETTINGS:
-            raw = environ.get(env)
+        for setting in SETTINGS:
+            raw = environ.get(setting.env)
             if raw not in (None, ""):
                 try:
-                    values[field] = kind(raw)
+                    values[setting.field] = setting.kind(raw)
                 except ValueError:
-                    raise SystemExit(f"{env}={raw!r} is not a valid {kind.__name__}")
+                    raise SystemExit(f"{setting.env}={raw!r} is not a valid {setting.kind.__name__}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -310,9 +337,8 @@ def _read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
     return value
 
 
-# ============================================================================
-# Rate limiter
-# ============================================================================
+# === Rate limiter ===
+
 
 
 class RateLimiter:
@@ -344,24 +370,25 @@ class RateLimiter:
         self._buckets = {k: (t, last) for k, (t, last) in self._buckets.items() if now - last < 60.0}
 
 
-# ============================================================================
-# Storage: every SQL statement lives in this class
-# ============================================================================
+# === Storage: every SQL statement ===
+
 
 
 class Store:
     """The SQLite database. Every write is one autocommitted statement, so a 2xx is on disk
-    (WAL) before it is sent, and no coroutine can see another's half-done transaction."""
+    (WAL) before it is sent, and no coroutine can see another's half-done transaction.
+    Timestamps come from the injected clock, never from SQLite's own."""
 
-    def __init__(self, conn: aiosqlite.Connection):
+    def __init__(self, conn: aiosqlite.Connection, clock: Clock):
         self._conn = conn
+        self._clock = clock
         # Worker tokens are asked about on every worker call and change only when a worker is
         # deleted, so they are kept in memory; a lookup that raced a delete is not kept.
         self._workers_by_token: dict[str, dict] = {}
         self._worker_deletions = 0
 
     @classmethod
-    async def open(cls, path: Path) -> "Store":
+    async def open(cls, path: Path, clock: Optional[Clock] = None) -> "Store":
         conn = await aiosqlite.connect(path, isolation_level=None)
         conn.row_factory = aiosqlite.Row
         await conn.execute("PRAGMA journal_mode = WAL")
@@ -372,8 +399,11 @@ class Store:
             await conn.close()
             raise RuntimeError(f"{path} has schema version {found}, newer than this dispatch.py knows "
                                f"({SCHEMA_VERSION}): run the newer dispatch.py, or restore a backup")
+        for version in range(found + 1, SCHEMA_VERSION + 1) if found else ():
+            for statement in MIGRATIONS[version]:
+                await conn.execute(statement)
         await conn.executescript(SCHEMA_PATH.read_text())
-        return cls(conn)
+        return cls(conn, clock or Clock())
 
     async def close(self) -> None:
         await self._conn.close()
@@ -394,8 +424,9 @@ class Store:
 
     # -- health and metrics --------------------------------------------------
 
-    async def prove_writable(self, now: str) -> None:
-        await self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('health_checked_at', ?)", (now,))
+    async def prove_writable(self) -> None:
+        await self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('health_checked_at', ?)",
+                          (self._clock.iso(),))
 
     async def counts(self, cutoff: str) -> dict[str, dict[str, int]]:
         """Jobs by state, queued jobs by priority, workers by status."""
@@ -423,11 +454,11 @@ class Store:
     async def count_users(self) -> int:
         return (await self._one("SELECT COUNT(*) AS n FROM users"))["n"]
 
-    async def insert_user(self, user_id: str, email: str, password_hash: str, role: str, now: str) -> None:
+    async def insert_user(self, user_id: str, email: str, password_hash: str, role: str) -> None:
         try:
             await self._write(
                 "INSERT INTO users (id, email, password_hash, role, created_at) VALUES (?, ?, ?, ?, ?)",
-                (user_id, email, password_hash, role, now))
+                (user_id, email, password_hash, role, self._clock.iso()))
         except aiosqlite.IntegrityError:
             raise Conflict("User already exists") from None
 
@@ -466,14 +497,17 @@ class Store:
                  ORDER BY j.started_at DESC LIMIT 1) AS current_job_id
         FROM workers w"""
 
-    async def insert_worker(self, worker: dict) -> None:
+    async def insert_worker(self, worker: dict) -> str:
+        """Add a worker; returns its registration time."""
+        now = self._clock.iso()
         try:
             await self._write(
                 "INSERT INTO workers (id, token_hash, hostname, cpu_count, total_memory_mb, metadata, tags,"
                 " registered_at, last_heartbeat) VALUES (:id, :token_hash, :hostname, :cpu_count,"
-                " :total_memory_mb, :metadata, :tags, :registered_at, :registered_at)", worker)
+                " :total_memory_mb, :metadata, :tags, :now, :now)", {**worker, "now": now})
         except aiosqlite.IntegrityError:
             raise Conflict("Worker already registered", code="WORKER_EXISTS") from None
+        return now
 
     async def worker_by_token_hash(self, token_hash: str) -> dict | None:
         worker = self._workers_by_token.get(token_hash)
@@ -484,7 +518,7 @@ class Store:
                 self._workers_by_token[token_hash] = worker
         return worker
 
-    async def get_worker(self, worker_id: str, cutoff: str) -> dict | None:
+    async def worker_by_id(self, worker_id: str, cutoff: str) -> dict | None:
         return await self._one(f"SELECT * FROM ({self._WORKER_VIEW}) WHERE id = :id",
                                {"cutoff": cutoff, "id": worker_id})
 
@@ -499,11 +533,13 @@ class Store:
         rows = await self._all(f"SELECT * {base} ORDER BY {order} LIMIT :limit OFFSET :offset", params)
         return total, rows
 
-    async def record_heartbeat(self, worker_id: str, status: str, jobs_completed: int | None, now: str) -> None:
+    async def record_heartbeat(self, worker_id: str, status: str, jobs_completed: int | None) -> str:
+        """Note that the worker is alive; returns the time noted."""
+        now = self._clock.iso()
         await self._write(
             "UPDATE workers SET last_heartbeat = ?, reported_status = ?,"
-            " jobs_completed = COALESCE(?, jobs_completed) WHERE id = ?",
-            (now, status, jobs_completed, worker_id))
+            " jobs_completed = COALESCE(?, jobs_completed) WHERE id = ?", (now, status, jobs_completed, worker_id))
+        return now
 
     async def delete_worker(self, worker_id: str) -> bool:
         deleted = await self._write("DELETE FROM workers WHERE id = ?", (worker_id,)) > 0
@@ -518,11 +554,11 @@ class Store:
             "INSERT INTO files (id, name, size, sha256, owner_id, uploaded_at, expires_at)"
             " VALUES (:id, :name, :size, :sha256, :owner_id, :uploaded_at, :expires_at)", record)
 
-    async def get_file(self, file_id: str) -> dict | None:
+    async def file_by_id(self, file_id: str) -> dict | None:
         return await self._one("SELECT * FROM files WHERE id = ?", (file_id,))
 
-    async def expired_files(self, now: str, batch: int = 100) -> list[dict]:
-        return await self._all("SELECT id FROM files WHERE expires_at < ? LIMIT ?", (now, batch))
+    async def expired_files(self, batch: int = 100) -> list[dict]:
+        return await self._all("SELECT id FROM files WHERE expires_at < ? LIMIT ?", (self._clock.iso(), batch))
 
     async def delete_file(self, file_id: str) -> None:
         await self._write("DELETE FROM files WHERE id = ?", (file_id,))
@@ -536,11 +572,11 @@ class Store:
 
     async def insert_job(self, job: dict) -> dict:
         return await self._one(
-            "INSERT INTO jobs (id, seq, command, file_id, file_name, working_directory, timeout, priority,"
-            " priority_rank, tags, max_attempts, retries, status, submitted_by, created_at)"
+            "INSERT INTO jobs (id, seq, command, file_id, file_name, file_sha256, working_directory, timeout,"
+            " priority, priority_rank, tags, max_attempts, retries, status, submitted_by, created_at)"
             " VALUES (:id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), :command, :file_id, :file_name,"
-            " :working_directory, :timeout, :priority, :priority_rank, :tags, :max_attempts, :retries, 'queued',"
-            " :submitted_by, :created_at) RETURNING *", job)
+            " :file_sha256, :working_directory, :timeout, :priority, :priority_rank, :tags, :max_attempts,"
+            " :retries, 'queued', :submitted_by, :now) RETURNING *", {**job, "now": self._clock.iso()})
 
     async def queue_estimate(self, job_id: str, cutoff: str) -> dict:
         """Jobs queued ahead of ``job_id``, recent mean run time, and online workers, in one query."""
@@ -556,7 +592,7 @@ class Store:
                  (SELECT COUNT(*) FROM workers WHERE last_heartbeat >= :cutoff) AS online""",
             {"id": job_id, "cutoff": cutoff})
 
-    async def get_job(self, job_id: str) -> dict | None:
+    async def job_by_id(self, job_id: str) -> dict | None:
         return await self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
     async def list_jobs(self, *, status: str | None, worker_id: str | None, order: str,
@@ -568,32 +604,45 @@ class Store:
                                params)
         return total, rows
 
-    async def claim_next_job(self, worker_id: str, worker_tags: str, now: str) -> dict | None:
-        """Hand the best queued job whose tags the worker has to this worker, as a new attempt.
-        One UPDATE, so two workers polling at once can never both get it."""
+    async def claim_next_job(self, worker_id: str, worker_tags: str, run: str | None, poll: int | None) -> dict | None:
+        """Hand the best queued job whose tags the worker has to this worker, as a new attempt,
+        remembering which poll of which agent run asked (see ``unlisted_jobs``). One UPDATE, so
+        two workers polling at once can never both get it."""
         return await self._one(
             """UPDATE jobs SET status = 'running', worker_id = :worker, attempt = attempt + 1, started_at = :now,
+                              command_started_at = NULL, claim_run = :run, claim_poll = :poll,
                               stdout_chars = 0, stderr_chars = 0
                WHERE id = (SELECT j.id FROM jobs j WHERE j.status = 'queued'
                              AND NOT EXISTS (SELECT 1 FROM json_each(j.tags) t
                                              WHERE t.value NOT IN (SELECT value FROM json_each(:tags)))
                            ORDER BY j.priority_rank DESC, j.seq LIMIT 1)
                RETURNING *""",
-            {"worker": worker_id, "tags": worker_tags, "now": now})
+            {"worker": worker_id, "tags": worker_tags, "now": self._clock.iso(), "run": run, "poll": poll})
 
-    async def append_output(self, job_id: str, worker_id: str, attempt: int, stream: str, data: str,
-                            cap: int) -> bool:
-        """Append a chunk if the worker holds that attempt of the running job (False otherwise).
+    async def release_job(self, job: dict) -> None:
+        """Undo a claim that never reached its worker: queued again, as if never handed out."""
+        await self._write(
+            f"UPDATE jobs SET status = 'queued', worker_id = NULL, started_at = NULL, attempt = attempt - 1"
+            f" WHERE {self._HOLDER}", job)
+
+    async def note_command_start(self, job: dict, running_for: float) -> None:
+        """The moment the attempt's command started on the worker: the start of its timeout."""
+        await self._write(
+            f"UPDATE jobs SET command_started_at = :at WHERE {self._HOLDER} AND command_started_at IS NULL",
+            {**job, "at": self._clock.iso(-running_for)})
+
+    async def append_output(self, job: dict, stream: str, data: str, cap: int) -> int | None:
+        """Append a chunk to the attempt's stream if the job's worker still holds it; returns the
+        characters the stream had before the chunk (its offset), None if it is not held anymore.
         A stream keeps its first cap/2 characters and its last cap/2; the middle is only counted."""
         counter = f"{stream}_chars"  # stream is stdout or stderr, checked at the edge
         row = await self._one(
-            f"UPDATE jobs SET {counter} = {counter} + ? WHERE id = ? AND status = 'running'"
-            f" AND worker_id = ? AND attempt = ? RETURNING {counter} AS total",
-            (len(data), job_id, worker_id, attempt))
+            f"UPDATE jobs SET {counter} = {counter} + :size WHERE {self._HOLDER} RETURNING {counter} AS total",
+            {**job, "size": len(data)})
         if row is None:
-            return False
-        half = cap // 2
-        head_room = max(0, half - (row["total"] - len(data)))
+            return None
+        job_id, attempt, offset, half = job["id"], job["attempt"], row["total"] - len(data), cap // 2
+        head_room = max(0, half - offset)
         insert = "INSERT INTO job_output (job_id, attempt, stream, part, size, data) VALUES (?, ?, ?, ?, ?, ?)"
         if head := data[:head_room]:
             await self._write(insert, (job_id, attempt, stream, "head", len(head), head))
@@ -606,7 +655,7 @@ class Store:
                                             FROM job_output WHERE job_id = ? AND attempt = ? AND stream = ?
                                               AND part = 'tail')
                          WHERE kept > ?)""", (job_id, attempt, stream, half))
-        return True
+        return offset
 
     async def output_parts(self, job_id: str, attempt: int) -> dict[tuple[str, str], str]:
         """The kept output of one attempt: {(stream, "head"|"tail"): text}."""
@@ -619,74 +668,63 @@ class Store:
     async def set_progress(self, job_id: str, progress: int) -> None:
         await self._write("UPDATE jobs SET progress = ? WHERE id = ? AND status = 'running'", (progress, job_id))
 
-    _HOLDER = "id = :id AND status = 'running' AND worker_id = :worker AND attempt = :attempt"
+    # The fences of a change to a job, with the job row as read for parameters: its worker still
+    # holds the attempt; or (for a cancel) it has not finished.
+    _HOLDER = "id = :id AND status = 'running' AND worker_id = :worker_id AND attempt = :attempt"
+    _UNFINISHED = "id = :id AND status IN ('queued', 'running')"
 
-    async def finish_job(self, job_id: str, worker_id: str, attempt: int, *, status: str,
-                         exit_code: int | None, error: str | None, now: str) -> dict | None:
-        """Record the end of the attempt the worker holds; None if it does not hold it (anymore)."""
+    async def end_attempt(self, job: dict, outcome: "Outcome", *, fence: str = _HOLDER) -> dict | None:
+        """Apply an attempt's outcome: the job finishes or goes back to the queue. None if the
+        fence no longer holds (another change came first)."""
         return await self._one(
-            f"UPDATE jobs SET status = :status, exit_code = :exit_code, error = :error, completed_at = :now"
-            f" WHERE {self._HOLDER} RETURNING *",
-            {"status": status, "exit_code": exit_code, "error": error, "now": now,
-             "id": job_id, "worker": worker_id, "attempt": attempt})
+            f"""UPDATE jobs SET status = :status, exit_code = :exit_code, error = :error, progress = NULL,
+                  completed_at = CASE WHEN :status = 'queued' THEN NULL ELSE :now END,
+                  worker_id = CASE WHEN :status = 'queued' THEN NULL ELSE worker_id END,
+                  started_at = CASE WHEN :status = 'queued' THEN NULL ELSE started_at END,
+                  retried = retried + :spends_retry, losses = losses + :counts_loss
+                WHERE {fence} RETURNING *""",
+            {**job, **dataclasses.asdict(outcome), "now": self._clock.iso()})
 
-    async def release_job(self, job_id: str, worker_id: str, attempt: int) -> None:
-        """Undo a claim that never reached its worker: queued again, as if never handed out."""
-        await self._write(
-            f"UPDATE jobs SET status = 'queued', worker_id = NULL, started_at = NULL, attempt = attempt - 1"
-            f" WHERE {self._HOLDER}", {"id": job_id, "worker": worker_id, "attempt": attempt})
-
-    async def requeue_for_retry(self, job_id: str, worker_id: str, attempt: int, *, exit_code: int,
-                                error: str) -> dict | None:
-        """Put a failed attempt's job back in the queue, spending one of its retries."""
-        return await self._one(
-            f"UPDATE jobs SET status = 'queued', worker_id = NULL, started_at = NULL, progress = NULL,"
-            f" retried = retried + 1, exit_code = :exit_code, error = :error WHERE {self._HOLDER} RETURNING *",
-            {"exit_code": exit_code, "error": error, "id": job_id, "worker": worker_id, "attempt": attempt})
-
-    async def cancel_job(self, job_id: str, reason: str, now: str) -> dict | None:
-        """Cancel a queued or running job; None if it has already finished."""
-        return await self._one(
-            "UPDATE jobs SET status = 'cancelled', error = ?, completed_at = ?"
-            " WHERE id = ? AND status IN ('queued', 'running') RETURNING *", (reason, now, job_id))
-
-    # A job whose worker was lost goes back to the queue, or fails once lost workers have cost
-    # it max_attempts attempts (exit-code retries do not count).
-    _REQUEUE_LOST = """UPDATE jobs SET
-        status = CASE WHEN attempt - retried < max_attempts THEN 'queued' ELSE 'failed' END,
-        error = CASE WHEN attempt - retried < max_attempts
-                     THEN 'worker ' || worker_id || ' lost; requeued' ELSE 'worker lost' END,
-        completed_at = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE :now END,
-        worker_id = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE worker_id END,
-        started_at = CASE WHEN attempt - retried < max_attempts THEN NULL ELSE started_at END,
-        progress = NULL
-      WHERE status = 'running' AND """
-
-    async def requeue_lost_jobs(self, cutoff: str, now: str) -> list[dict]:
-        """The running jobs of workers that are offline or gone."""
+    async def jobs_of_lost_workers(self, cutoff: str) -> list[dict]:
+        """Running jobs whose worker is offline (no heartbeat since ``cutoff``) or deleted."""
         return await self._all(
-            self._REQUEUE_LOST + "worker_id NOT IN (SELECT id FROM workers WHERE last_heartbeat >= :cutoff)"
-                                 " RETURNING *", {"cutoff": cutoff, "now": now})
+            "SELECT * FROM jobs WHERE status = 'running'"
+            " AND worker_id NOT IN (SELECT id FROM workers WHERE last_heartbeat >= ?)", (cutoff,))
 
-    async def requeue_forgotten_jobs(self, worker_id: str, running: list[str], now: str) -> list[dict]:
-        """The running jobs a worker holds but no longer runs (it restarted and lost them)."""
+    async def unlisted_jobs(self, worker_id: str, running: list[str], run: str | None,
+                            polled: int | None) -> list[dict]:
+        """Running jobs a worker holds but did not list as running. Only those whose claim answer
+        it has had: claimed by another run of the agent (or one that names no run), or by a poll
+        it says has ended (``polled``). An answer still on its way is not a lost job."""
         return await self._all(
-            self._REQUEUE_LOST + "worker_id = :worker AND id NOT IN (SELECT value FROM json_each(:running))"
-                                 " RETURNING *", {"worker": worker_id, "running": json.dumps(running), "now": now})
+            """SELECT * FROM jobs WHERE worker_id = :worker AND status = 'running'
+                 AND id NOT IN (SELECT value FROM json_each(:running))
+                 AND (:run IS NULL OR claim_run IS NULL OR claim_run != :run OR claim_poll <= :polled)""",
+            {"worker": worker_id, "running": json.dumps(running), "run": run, "polled": polled})
 
-    async def fail_overdue_jobs(self, grace: float, now: str) -> list[dict]:
-        """Running jobs past their timeout plus ``grace`` seconds fail, whatever their worker does."""
+    async def overdue_jobs(self, grace: float) -> list[dict]:
+        """Running jobs past their timeout plus ``grace`` seconds, counted from their command's
+        start. An agent that reports the start (it names its run) is not timed while it fetches
+        the input; its lease covers that. For other clients the clock starts at the claim."""
         return await self._all(
-            """UPDATE jobs SET status = 'failed', completed_at = :now,
-                 error = 'timed out after ' || timeout || ' s (no result from the worker)'
-               WHERE status = 'running'
-                 AND (julianday(:now) - julianday(started_at)) * 86400 > timeout + :grace
-               RETURNING *""", {"grace": grace, "now": now})
+            """SELECT * FROM jobs WHERE status = 'running'
+                 AND (julianday(:now) - julianday(COALESCE(command_started_at,
+                                                           CASE WHEN claim_run IS NULL THEN started_at END)))
+                     * 86400 > timeout + :grace""", {"now": self._clock.iso(), "grace": grace})
 
 
-# ============================================================================
-# Domain rules: auth, validation, the job life cycle. Nothing here sees a request.
-# ============================================================================
+# Each schema version's changes to the one before, for databases written by an older dispatch.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE jobs ADD COLUMN file_sha256 TEXT",
+        "ALTER TABLE jobs ADD COLUMN losses INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN claim_run TEXT",
+        "ALTER TABLE jobs ADD COLUMN claim_poll INTEGER",
+        "ALTER TABLE jobs ADD COLUMN command_started_at TEXT"),
+}
+
+
+# === Domain: users and credentials ===
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -759,8 +797,11 @@ async def create_user(store: Store, email: str, password: str, role: str, rounds
     if role not in ("admin", "user"):
         raise _invalid_field("role", "role must be admin or user")
     user = {"id": _new_id("user"), "email": email, "role": role}
-    await store.insert_user(user["id"], email, await _hash_password(password, rounds), role, _iso(_utcnow()))
+    await store.insert_user(user["id"], email, await _hash_password(password, rounds), role)
     return user
+
+
+# === Domain: input rules ===
 
 
 def _require_string(body: dict, field: str, *, required: bool = True, max_length: int = 1024) -> str | None:
@@ -817,7 +858,10 @@ def _validate_timeout(value: Any) -> int:
 
 
 def _upload_url(file_id: str, name: str) -> str:
-    return f"/uploads/{file_id}/{urllib.parse.quote(name)}"
+    return UPLOAD_ROUTE.format(file_id=file_id, name=urllib.parse.quote(name))
+
+
+_UPLOAD_PATH = re.compile(UPLOAD_ROUTE.format(file_id=f"({FILE_ID_PATTERN.pattern})", name="([^/]+)"))
 
 
 def _parse_upload_url(url: Any, allowed_hosts: set[str]) -> tuple[str, str]:
@@ -825,7 +869,7 @@ def _parse_upload_url(url: Any, allowed_hosts: set[str]) -> tuple[str, str]:
     if not isinstance(url, str):
         raise _invalid_field("fileUrl", "fileUrl must be a string")
     parsed = urllib.parse.urlsplit(url)
-    match = UPLOAD_PATH_PATTERN.fullmatch(parsed.path)
+    match = _UPLOAD_PATH.fullmatch(parsed.path)
     foreign = (parsed.scheme or parsed.netloc) and (parsed.scheme not in ("http", "https")
                                                     or parsed.netloc not in allowed_hosts)
     if not match or foreign or parsed.query or parsed.fragment:
@@ -845,6 +889,102 @@ def _file_is_readable_by(principal: Principal, record: dict) -> bool:
     return principal.kind == "user" and (principal.is_admin or record["owner_id"] == principal.id)
 
 
+
+# === Domain: the job life cycle ===
+
+
+class Ending(Enum):
+    """How an attempt ended."""
+
+    EXITED = "exited"  # the worker reported an exit code
+    TIMED_OUT = "timed out"  # the server's backstop: far past the timeout with no result
+    LOST = "lost"  # its worker went offline or was deleted: counts against maxAttempts
+    RETURNED = "returned"  # a live worker does not run it (its claim answer was lost, it restarted)
+    CANCELLED = "cancelled"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What an attempt's end does to its job: the new state, and what it spends."""
+
+    status: str
+    exit_code: Optional[int] = None
+    error: Optional[str] = None
+    spends_retry: bool = False
+    counts_loss: bool = False
+
+
+def decide_outcome(job: dict, ending: Ending, exit_code: Optional[int] = None, error: Optional[str] = None) -> Outcome:
+    """The one rule for every way an attempt ends, whoever noticed it. A timeout is exit 124
+    whichever side saw it; a non-zero exit spends a retry while any are left; a lost worker
+    costs one of ``maxAttempts``; a job handed back by a live worker costs nothing."""
+    attempt, worker = job["attempt"], job["worker_id"]
+    if ending is Ending.CANCELLED:
+        return Outcome(JobState.CANCELLED.value, error=error)
+    if ending is Ending.RETURNED:
+        return Outcome(JobState.QUEUED.value, error=f"worker {worker} no longer runs attempt {attempt}; requeued")
+    if ending is Ending.LOST:
+        if job["losses"] + 1 < job["max_attempts"]:
+            return Outcome(JobState.QUEUED.value, error=f"worker {worker} lost; requeued", counts_loss=True)
+        return Outcome(JobState.FAILED.value, error="worker lost", counts_loss=True)
+    if ending is Ending.TIMED_OUT:
+        exit_code, error = EXIT_TIMEOUT, f"timed out after {job['timeout']} s (no result from the worker)"
+    if exit_code == 0:
+        return Outcome(JobState.COMPLETED.value, exit_code=0)
+    error = error or f"exited with code {exit_code}"
+    if job["retried"] < job["retries"]:
+        return Outcome(JobState.QUEUED.value, exit_code, f"attempt {attempt}: {error}; retrying", spends_retry=True)
+    return Outcome(JobState.FAILED.value, exit_code, error)
+
+
+# Every job field the API shows, by its API name: the one place a job row becomes JSON.
+JOB_FIELDS: dict[str, Callable[[dict], Any]] = {
+    "jobId": lambda job: job["id"],
+    "command": lambda job: job["command"],
+    "status": lambda job: job["status"],
+    "workerId": lambda job: job["worker_id"],
+    "priority": lambda job: job["priority"],
+    "tags": lambda job: json.loads(job["tags"]),
+    "createdAt": lambda job: job["created_at"],
+    "startedAt": lambda job: job["started_at"],
+    "completedAt": lambda job: job["completed_at"],
+    "exitCode": lambda job: job["exit_code"],
+    "error": lambda job: job["error"],
+    "progress": lambda job: job["progress"],
+    "timeout": lambda job: job["timeout"],
+    "workingDirectory": lambda job: job["working_directory"],
+    "attempt": lambda job: job["attempt"],
+    "attempts": lambda job: job["attempt"],
+    "fileUrl": lambda job: _upload_url(job["file_id"], job["file_name"]) if job["file_id"] else None,
+    "fileId": lambda job: job["file_id"],
+    "sha256": lambda job: job["file_sha256"],
+    "stdoutChars": lambda job: job["stdout_chars"],
+    "stderrChars": lambda job: job["stderr_chars"],
+}
+# The shapes: a list row, the status answer (plus output), a state event, and what a worker gets.
+JOB_SUMMARY = ("jobId", "command", "status", "workerId", "priority", "tags", "createdAt", "startedAt",
+               "completedAt", "exitCode", "error")
+JOB_STATUS = JOB_SUMMARY + ("progress", "timeout", "workingDirectory", "attempts", "fileUrl",
+                            "stdoutChars", "stderrChars")
+JOB_EVENT = ("jobId", "status", "command", "workerId", "attempt", "exitCode", "error", "createdAt", "startedAt",
+             "completedAt")
+JOB_FOR_WORKER = ("jobId", "command", "fileUrl", "fileId", "sha256", "workingDirectory", "timeout", "attempt",
+                  "tags")
+
+# The WebSocket event type that announces each job state.
+STATE_EVENTS = {"queued": "job.queued", "running": "job.started", "completed": "job.completed",
+                "failed": "job.completed", "cancelled": "job.cancelled"}
+
+
+def job_json(job: dict, fields: tuple[str, ...]) -> dict:
+    return {name: JOB_FIELDS[name](job) for name in fields}
+
+
+def job_event(job: dict) -> dict:
+    """The event that tells a job's new state (one shape for all of them)."""
+    return {"type": STATE_EVENTS[job["status"]], **job_json(job, JOB_EVENT)}
+
+
 def joined_output(job: dict, parts: dict[tuple[str, str], str]) -> dict[str, str]:
     """Each stream of the job's current attempt as one text; where output past the cap was
     dropped, a visible marker stands between the head and the tail."""
@@ -856,6 +996,180 @@ def joined_output(job: dict, parts: dict[tuple[str, str], str]) -> dict[str, str
         output[stream] = head + (marker if dropped > 0 else "") + tail
     return output
 
+
+class Jobs:
+    """The job life cycle: submit, claim, output, finish, retry, cancel, leases and the sweeps.
+    Every change goes through here, is fenced in the database, and is announced to ``events``
+    (an object with ``job_changed(job)`` and ``output(job, stream, data, offset)``)."""
+
+    def __init__(self, store: Store, config: Config, clock: Clock, events: Any):
+        self._store = store
+        self._config = config
+        self._clock = clock
+        self._events = events
+        # One lock per job for its worker's writes: check-then-append-then-finish is several
+        # statements, and a second result or chunk must not slip in between them.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    @property
+    def timeout_grace(self) -> float:
+        """How long past its timeout a running job may go before the server ends it: enough for
+        the agent to kill the job and report, plus the time it takes to notice a dead worker."""
+        return 3 * self._config.heartbeat_interval + 5
+
+    def heartbeat_cutoff(self) -> str:
+        """Workers whose last heartbeat is older than this are offline (three missed)."""
+        return self._clock.iso(-3 * self._config.heartbeat_interval)
+
+    def _lock(self, job_id: str) -> asyncio.Lock:
+        lock = self._locks.get(job_id)
+        if lock is None:
+            lock = self._locks[job_id] = asyncio.Lock()
+        return lock
+
+    # -- submit and read ------------------------------------------------------
+
+    async def submit(self, owner: Principal, spec: dict) -> dict:
+        """Queue a job. ``spec`` holds checked fields; its input, if any, must be the owner's
+        (or the owner an admin)."""
+        file_id, file_name, file_sha256 = spec.pop("file", None) or (None, None, None)
+        if file_id is not None:
+            record = await self._store.file_by_id(file_id)
+            if record is None or record["name"] != file_name or not _file_is_readable_by(owner, record):
+                raise _invalid_field("fileUrl", "fileUrl names no file you uploaded (or it has expired)")
+            file_sha256 = record["sha256"]
+        job = await self._store.insert_job({
+            **spec, "id": _new_id("job"), "file_id": file_id, "file_name": file_name, "file_sha256": file_sha256,
+            "priority_rank": PRIORITY_RANK[spec["priority"]], "tags": json.dumps(spec["tags"]),
+            "submitted_by": owner.id})
+        self._events.job_changed(job)
+        return job
+
+    async def estimated_wait(self, job: dict) -> int:
+        """Seconds until a worker is likely free for the job: the jobs queued ahead and running,
+        beyond the online workers, at the recent mean run time, shared among those workers."""
+        estimate = await self._store.queue_estimate(job["id"], self.heartbeat_cutoff())
+        workers = max(estimate["online"], 1)
+        waiting_for = estimate["ahead"] + estimate["running"] - workers + 1
+        if waiting_for <= 0:
+            return 0
+        return math.ceil(waiting_for * (estimate["mean_run"] or 0) / workers)
+
+    async def find(self, job_id: str) -> dict:
+        job = await self._store.job_by_id(job_id)
+        if job is None:
+            raise NotFound("Job not found")
+        return job
+
+    async def status(self, job_id: str) -> dict:
+        """The status answer's job: its fields and the current attempt's output."""
+        job = await self.find(job_id)
+        output = joined_output(job, await self._store.output_parts(job_id, job["attempt"]))
+        return {**job_json(job, JOB_STATUS), **output}
+
+    # -- claim -----------------------------------------------------------------
+
+    async def claim(self, worker: Principal, run: Optional[str], poll: Optional[int]) -> dict | None:
+        """The best queued job for the worker, as its new attempt (not announced yet: see
+        ``deliver`` and ``release``)."""
+        return await self._store.claim_next_job(worker.id, worker.tags, run, poll)
+
+    def deliver(self, job: dict) -> None:
+        """The claim's answer is on its way to the worker."""
+        self._events.job_changed(job)
+
+    async def release(self, job: dict) -> None:
+        """The worker hung up before the answer: the job goes back untouched."""
+        await self._store.release_job(job)
+
+    # -- a worker's reports ----------------------------------------------------
+
+    async def _held(self, worker: Principal, job_id: str, attempt: Optional[int]) -> dict:
+        """The running job and attempt the worker holds, or 404/409."""
+        job = await self.find(job_id)
+        if job["worker_id"] != worker.id or job["status"] != JobState.RUNNING or attempt not in (None, job["attempt"]):
+            raise _not_holder()
+        return job
+
+    async def _record(self, job: dict, stream: str, data: str, running_for: Optional[float]) -> None:
+        if running_for is not None and job["command_started_at"] is None:
+            await self._store.note_command_start(job, running_for)
+        if data:
+            cap = self._config.max_output_mb * 1024 * 1024
+            offset = await self._store.append_output(job, stream, data, cap)
+            if offset is None:
+                raise _not_holder()
+            self._events.output(job, stream, data, offset)
+
+    async def record_output(self, worker: Principal, job_id: str, attempt: Optional[int], stream: str, data: str,
+                            progress: Optional[int], running_for: Optional[float]) -> None:
+        """Append a chunk. An empty one is a keep-alive whose 409 tells the worker the job is no
+        longer its own (cancelled, or given to another attempt)."""
+        async with self._lock(job_id):
+            job = await self._held(worker, job_id, attempt)
+            await self._record(job, stream, data, running_for)
+            if progress is not None:
+                await self._store.set_progress(job_id, progress)
+
+    async def finish(self, worker: Principal, job_id: str, attempt: Optional[int], exit_code: int,
+                     error: Optional[str], output: dict[str, str], running_for: Optional[float]) -> None:
+        """The worker's final word on its attempt; its output is appended to what was streamed."""
+        async with self._lock(job_id):
+            job = await self._held(worker, job_id, attempt)
+            for stream, data in output.items():
+                await self._record(job, stream, data, running_for)
+            ended = await self._store.end_attempt(job, decide_outcome(job, Ending.EXITED, exit_code, error))
+        if ended is None:  # cancelled or lost between the check and the write
+            raise _not_holder()
+        self._events.job_changed(ended)
+
+    async def cancel(self, principal: Principal, job_id: str) -> None:
+        """Cancel a queued or running job (its submitter or an admin). A running job's worker
+        learns it at its next output call (a 409) and kills the job's process tree."""
+        job = await self.find(job_id)
+        if job["submitted_by"] != principal.id and not principal.is_admin:
+            raise Forbidden("Only the submitter or an admin may cancel a job")
+        outcome = decide_outcome(job, Ending.CANCELLED, error=f"cancelled by {principal.email}")
+        async with self._lock(job_id):  # not between a worker's final chunk and its result
+            cancelled = await self._store.end_attempt(job, outcome, fence=Store._UNFINISHED)
+        if cancelled is None:
+            raise Conflict(f"Job already {(await self.find(job_id))['status']}", code="JOB_FINISHED")
+        self._events.job_changed(cancelled)
+
+    async def heartbeat(self, worker: Principal, status: str, jobs_completed: Optional[int],
+                        running: Optional[list[str]], run: Optional[str], polled: Optional[int]) -> str:
+        """A worker is alive (returns the time noted). With ``running`` (the jobs it runs or holds
+        a result for), the jobs it holds but no longer runs go back to the queue, without counting
+        against them."""
+        now = await self._store.record_heartbeat(worker.id, status, jobs_completed)
+        if running is not None:
+            for job in await self._store.unlisted_jobs(worker.id, running, run, polled):
+                await self._end(job, Ending.RETURNED)
+        return now
+
+    # -- sweeps ----------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """The jobs of offline or deleted workers are requeued (or fail past maxAttempts); jobs
+        far past their timeout end as timed out."""
+        for job in await self._store.jobs_of_lost_workers(self.heartbeat_cutoff()):
+            await self._end(job, Ending.LOST)
+        for job in await self._store.overdue_jobs(self.timeout_grace):
+            await self._end(job, Ending.TIMED_OUT)
+
+    async def _end(self, job: dict, ending: Ending) -> None:
+        async with self._lock(job["id"]):
+            ended = await self._store.end_attempt(job, decide_outcome(job, ending))
+        if ended is not None:
+            self._events.job_changed(ended)
+
+
+def _not_holder() -> Conflict:
+    return Conflict("This worker does not hold the job (it finished, was cancelled or was reassigned)",
+                    code="NOT_JOB_HOLDER")
+
+
+# === Events: the queue bell, the event hub, metrics ===
 
 class QueueBell:
     """Wakes long-polling workers the moment a job may be for them: one worker per job, the one
@@ -894,22 +1208,10 @@ class QueueBell:
         self.ring(None)
 
 
-# The WebSocket event type that announces each job state.
-STATE_EVENTS = {"queued": "job.queued", "running": "job.started", "completed": "job.completed",
-                "failed": "job.completed", "cancelled": "job.cancelled"}
-
-
-def job_event(job: dict) -> dict:
-    """The event that tells a job's new state (one shape for all of them)."""
-    return {"type": STATE_EVENTS[job["status"]], "jobId": job["id"], "status": job["status"],
-            "command": job["command"], "workerId": job["worker_id"], "attempt": job["attempt"],
-            "exitCode": job["exit_code"], "error": job["error"], "createdAt": job["created_at"],
-            "startedAt": job["started_at"], "completedAt": job["completed_at"]}
-
-
 class EventHub:
-    """Fans job events out to WebSocket clients. Each client has a bounded queue; a client that
-    falls too far behind is dropped, so it never slows the server or the other clients."""
+    """Fans job events out to WebSocket clients. Each client has a bounded queue of messages; a
+    client that falls too far behind gets None instead (close it), so it never slows the server
+    or the other clients."""
 
     def __init__(self) -> None:
         self._clients: dict[web.WebSocketResponse, tuple[Optional[str], asyncio.Queue]] = {}
@@ -938,7 +1240,9 @@ class EventHub:
             except asyncio.QueueFull:
                 log.warning("dropping a WebSocket client that fell %d events behind", WS_QUEUE_LIMIT)
                 self.unsubscribe(ws)
-                asyncio.ensure_future(ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow"))
+                while not queue.empty():  # its backlog is freed now, not when it finally goes
+                    queue.get_nowait()
+                queue.put_nowait(None)  # tells the client's sender to close it
 
     async def close_all(self) -> None:
         for ws in list(self._clients):
@@ -974,49 +1278,55 @@ class Metrics:
                 gauge.labels(label).set(counts[name].get(label, 0))
 
 
-def announce(app: web.Application, job: dict) -> None:
-    """Tell everyone a job changed state: WebSocket clients, waiting workers, the log, the metrics."""
-    app[HUB].publish(job_event(job))
-    status, where = job["status"], f" on {job['worker_id']}" if job["worker_id"] else ""
-    if status == JobState.QUEUED:
-        app[BELL].ring(json.loads(job["tags"]))
-    elif status == JobState.RUNNING:
-        app[METRICS].job_wait.observe(_seconds_between(job["created_at"], job["started_at"]))
-    elif job["started_at"]:
-        app[METRICS].job_duration.labels(status).observe(_seconds_between(job["started_at"], job["completed_at"]))
-    detail = f"attempt {job['attempt']}" if status == JobState.RUNNING else (
-        job["error"] or (f"exit {job['exit_code']}" if job["exit_code"] is not None else ""))
-    log.info("job %s %s%s%s", job["id"], status, where, f" ({detail})" if detail else "")
-
-
 def _seconds_between(start: str, end: str) -> float:
     parse = dt.datetime.fromisoformat
     return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
 
 
-async def sweep_jobs(app: web.Application) -> None:
-    """Requeue (or fail) the jobs of offline or deleted workers; fail jobs far past their timeout."""
-    store, config = app[STORE], app[CONFIG]
-    now = _iso(_utcnow())
-    lost = await store.requeue_lost_jobs(_heartbeat_cutoff(config), now)
-    overdue = await store.fail_overdue_jobs(server_timeout_grace(config), now)
-    for job in lost + overdue:
-        announce(app, job)
+class Announcer:
+    """Tells everyone what happened to a job: WebSocket clients, waiting workers, the log, the
+    metrics. ``Jobs`` calls it after every change."""
+
+    def __init__(self, hub: EventHub, bell: QueueBell, metrics: Metrics):
+        self._hub, self._bell, self._metrics = hub, bell, metrics
+
+    def job_changed(self, job: dict) -> None:
+        self._hub.publish(job_event(job))
+        status, where = job["status"], f" on {job['worker_id']}" if job["worker_id"] else ""
+        if status == JobState.QUEUED:
+            self._bell.ring(json.loads(job["tags"]))
+        elif status == JobState.RUNNING:
+            self._metrics.job_wait.observe(_seconds_between(job["created_at"], job["started_at"]))
+        elif job["started_at"]:
+            self._metrics.job_duration.labels(status).observe(_seconds_between(job["started_at"], job["completed_at"]))
+        detail = f"attempt {job['attempt']}" if status == JobState.RUNNING else (
+            job["error"] or (f"exit {job['exit_code']}" if job["exit_code"] is not None else ""))
+        log.info("job %s %s%s%s", job["id"], status, where, f" ({detail})" if detail else "")
+
+    def output(self, job: dict, stream: str, data: str, offset: int) -> None:
+        """A chunk of output; ``offset`` is how many characters of the stream came before it, so a
+        viewer joins history and live output exactly."""
+        self._hub.publish({"type": "job.output", "jobId": job["id"], "attempt": job["attempt"], "stream": stream,
+                           "offset": offset, "data": data})
 
 
-def server_timeout_grace(config: Config) -> float:
-    """How long past its timeout a running job may go before the server fails it: enough for the
-    agent to kill the job and report, plus the time it takes to notice a dead worker."""
-    return 3 * config.heartbeat_interval + 5
+# === HTTP: app keys, middleware, request helpers ===
 
-
-def _heartbeat_cutoff(config: Config) -> str:
-    return _iso(_utcnow() - dt.timedelta(seconds=3 * config.heartbeat_interval))
-
-
-# ============================================================================
-# HTTP: middleware, handlers (parse -> domain -> response), WebSocket
-# ============================================================================
+# The app's typed state. STORE, TOKENS and JOBS appear once the database is open (_storage_ctx).
+CONFIG = web.AppKey("config", Config)
+CLOCK = web.AppKey("clock", Clock)
+STORE = web.AppKey("store", Store)
+JOBS = web.AppKey("jobs", Jobs)
+TOKENS = web.AppKey("tokens", Tokens)
+BELL = web.AppKey("bell", QueueBell)
+HUB = web.AppKey("hub", EventHub)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+METRICS = web.AppKey("metrics", Metrics)
+STARTED = web.AppKey("started", float)
+UPLOADS_IN_PROGRESS = web.AppKey("uploads_in_progress", set)
+FIRST_ADMIN = web.AppKey("first_admin", tuple)  # (email, password) of an admin made at this start
+PRINCIPAL = web.RequestKey("principal", object)  # Principal, or None for an anonymous caller
+RATE_HEADERS = web.RequestKey("rate_headers", dict)
 
 
 def _json(data: dict, status: int = 200) -> web.Response:
@@ -1237,10 +1547,10 @@ def _query_number(query, name: str, default, minimum, maximum, *, parse=int, wha
     return value
 
 
-# -- auth and users -------------------------------------------------------------
+# === HTTP: auth and users ===
 
 
-async def login(request: web.Request) -> web.Response:
+async def login_view(request: web.Request) -> web.Response:
     _refuse_cross_origin_change(request)  # another site must not log a visitor into its account
     body = await _json_body(request)
     email, password = body.get("email"), body.get("password")
@@ -1258,14 +1568,14 @@ async def login(request: web.Request) -> web.Response:
 
 
 def _token_response(request: web.Request, user: dict, extra: dict) -> web.Response:
-    token, exp = request.app[TOKENS].issue(user, _utcnow())
+    token, exp = request.app[TOKENS].issue(user, request.app[CLOCK].now())
     response = _json({"success": True, "token": token, **extra})
     response.set_cookie("auth_token", token, max_age=int(TOKEN_LIFETIME.total_seconds()), httponly=True,
                         samesite="Strict", secure=request.secure, path="/")
     return response
 
 
-async def logout(request: web.Request) -> web.Response:
+async def logout_view(request: web.Request) -> web.Response:
     principal = _user(request)
     await request.app[STORE].revoke_token(principal.jti, principal.exp)
     response = _json({"success": True, "message": "Logged out successfully"})
@@ -1273,7 +1583,7 @@ async def logout(request: web.Request) -> web.Response:
     return response
 
 
-async def refresh(request: web.Request) -> web.Response:
+async def refresh_view(request: web.Request) -> web.Response:
     """Swap a (possibly expired) unrevoked token for a new one; the old one is revoked."""
     token = _bearer(request)
     if token is None and "auth_token" in request.cookies:
@@ -1290,7 +1600,7 @@ async def refresh(request: web.Request) -> web.Response:
     return _token_response(request, user, {})
 
 
-async def whoami(request: web.Request) -> web.Response:
+async def whoami_view(request: web.Request) -> web.Response:
     principal = _user(request)
     return _json({"success": True, "user": {"id": principal.id, "email": principal.email, "role": principal.role},
                   "expiresAt": _iso(dt.datetime.fromtimestamp(principal.exp, dt.timezone.utc))})
@@ -1300,13 +1610,13 @@ def _user_json(user: dict) -> dict:
     return {"id": user["id"], "email": user["email"], "role": user["role"], "createdAt": user.get("created_at")}
 
 
-async def list_users(request: web.Request) -> web.Response:
+async def list_users_view(request: web.Request) -> web.Response:
     _user(request, admin=True)
     users = await request.app[STORE].list_users()
     return _json({"success": True, "total": len(users), "users": [_user_json(u) for u in users]})
 
 
-async def add_user(request: web.Request) -> web.Response:
+async def add_user_view(request: web.Request) -> web.Response:
     _user(request, admin=True)
     body = await _json_body(request)
     user = await create_user(request.app[STORE], body.get("email"), body.get("password"), body.get("role", "user"),
@@ -1314,7 +1624,7 @@ async def add_user(request: web.Request) -> web.Response:
     return _json({"success": True, "user": user}, status=201)
 
 
-async def delete_user(request: web.Request) -> web.Response:
+async def delete_user_view(request: web.Request) -> web.Response:
     principal = _user(request, admin=True)
     user_id = request.match_info["user_id"]
     if user_id == principal.id:
@@ -1324,10 +1634,11 @@ async def delete_user(request: web.Request) -> web.Response:
     return _json({"success": True, "message": "User deleted"})
 
 
-# -- workers --------------------------------------------------------------------
+# === HTTP: workers ===
 
 
-async def register_worker(request: web.Request) -> web.Response:
+
+async def register_view(request: web.Request) -> web.Response:
     """Register with the registration token (or an admin's JWT); returns the worker's own token."""
     config = request.app[CONFIG]
     principal = request[PRINCIPAL]
@@ -1351,16 +1662,17 @@ async def register_worker(request: web.Request) -> web.Response:
         raise _invalid_field("metadata", "metadata must be a JSON object under 16 KB")
     tags = _validate_tags(metadata.get("tags"), "metadata.tags")
     token = secrets.token_urlsafe(32)
-    now = _iso(_utcnow())
-    await request.app[STORE].insert_worker({
+    now = await request.app[STORE].insert_worker({
         "id": worker_id, "token_hash": _hash_token(token), "hostname": hostname, "cpu_count": cpu_count,
-        "total_memory_mb": memory, "metadata": json.dumps(metadata), "tags": json.dumps(tags),
-        "registered_at": now})
+        "total_memory_mb": memory, "metadata": json.dumps(metadata), "tags": json.dumps(tags)})
     log.info("worker %s registered (%s)", worker_id, hostname)
     return _json({"success": True, "workerId": worker_id, "token": token, "registeredAt": now}, status=201)
 
 
-async def heartbeat(request: web.Request) -> web.Response:
+async def heartbeat_view(request: web.Request) -> web.Response:
+    """A worker is alive. ``runningJobs`` (every job it runs or holds a result for), with the agent
+    run's id (``run``) and the last of its get-job polls that has ended (``polled``), renews the
+    lease of the jobs listed; a job it holds but does not list goes back to the queue."""
     worker = _worker(request)
     body = await _json_body(request)
     if body.get("workerId") not in (None, worker.id):
@@ -1372,13 +1684,10 @@ async def heartbeat(request: web.Request) -> web.Response:
     running = body.get("runningJobs")
     if running is not None and not (isinstance(running, list) and all(isinstance(j, str) for j in running)):
         raise _invalid_field("runningJobs", "runningJobs must be a list of job ids")
-    now = _utcnow()
-    store = request.app[STORE]
-    await store.record_heartbeat(worker.id, status, jobs_completed, _iso(now))
-    if running is not None:  # the complete list: any other job this worker holds was lost with a restart
-        for job in await store.requeue_forgotten_jobs(worker.id, running, _iso(now)):
-            announce(request.app, job)
-    return _json({"success": True, "serverTime": _iso(now),
+    run = _run_id(body.get("run"), "run")
+    polled = _optional_int(body, "polled")
+    now = await request.app[JOBS].heartbeat(worker, status, jobs_completed, running, run, polled)
+    return _json({"success": True, "serverTime": now,
                   "nextCheckIn": int(request.app[CONFIG].heartbeat_interval * 1000)})
 
 
@@ -1393,7 +1702,7 @@ def _worker_json(row: dict, *, detail: bool) -> dict:
     return worker
 
 
-async def list_workers(request: web.Request) -> web.Response:
+async def list_workers_view(request: web.Request) -> web.Response:
     _user(request)
     page = _page(request, WORKER_SORT_COLUMNS, "registeredAt", "id")
     status = request.query.get("status")
@@ -1401,20 +1710,19 @@ async def list_workers(request: web.Request) -> web.Response:
         raise _invalid_field("status", "status must be online, offline or error")
     tags = [t.strip() for t in request.query.get("tags", "").split(",") if t.strip()]
     total, rows = await request.app[STORE].list_workers(
-        cutoff=_heartbeat_cutoff(request.app[CONFIG]), status=status, tags=tags, **page)
+        cutoff=request.app[JOBS].heartbeat_cutoff(), status=status, tags=tags, **page)
     return _page_json(page, total, "workers", [_worker_json(r, detail=False) for r in rows])
 
 
-async def get_worker(request: web.Request) -> web.Response:
+async def worker_view(request: web.Request) -> web.Response:
     _user(request)
-    row = await request.app[STORE].get_worker(request.match_info["worker_id"],
-                                               _heartbeat_cutoff(request.app[CONFIG]))
+    row = await request.app[STORE].worker_by_id(request.match_info["worker_id"], request.app[JOBS].heartbeat_cutoff())
     if row is None:
         raise NotFound("Worker not found")
     return _json({"success": True, "worker": _worker_json(row, detail=True)})
 
 
-async def delete_worker(request: web.Request) -> web.Response:
+async def delete_worker_view(request: web.Request) -> web.Response:
     """Unregister: the token stops working at once and the worker's running jobs go back to the queue."""
     _user(request, admin=True)
     worker_id = request.match_info["worker_id"]
@@ -1422,11 +1730,12 @@ async def delete_worker(request: web.Request) -> web.Response:
     if not await store.delete_worker(worker_id):
         raise NotFound("Worker not found")
     log.info("worker %s unregistered", worker_id)
-    await sweep_jobs(request.app)  # its running jobs go back to the queue now
+    await request.app[JOBS].sweep()  # its running jobs go back to the queue now
     return _json({"success": True, "message": "Worker unregistered"})
 
 
-# -- jobs -----------------------------------------------------------------------
+
+# === HTTP: jobs ===
 
 
 def _allowed_upload_hosts(request: web.Request) -> set[str]:
@@ -1437,109 +1746,83 @@ def _allowed_upload_hosts(request: web.Request) -> set[str]:
     return hosts
 
 
-async def submit_job(request: web.Request) -> web.Response:
-    principal = _user(request)
-    body = await _json_body(request)
-    store = request.app[STORE]
-    command = _require_string(body, "command", max_length=MAX_COMMAND_BYTES)
+def _job_spec(request: web.Request, body: dict) -> dict:
+    """The checked fields of a submit body (the input file is checked by ``Jobs.submit``)."""
     priority = body.get("priority", "normal")
     if not isinstance(priority, str) or priority not in PRIORITY_RANK:
         raise _invalid_field("priority", "priority must be low, normal or high")
-    file_id = file_name = None
+    spec = {"command": _require_string(body, "command", max_length=MAX_COMMAND_BYTES), "priority": priority,
+            "working_directory": _validate_working_directory(body.get("workingDirectory")),
+            "timeout": _validate_timeout(body.get("timeout")), "tags": _validate_tags(body.get("tags")),
+            "max_attempts": _optional_int(body, "maxAttempts", minimum=1, maximum=MAX_ATTEMPTS_LIMIT) or 3,
+            "retries": _optional_int(body, "retries", minimum=0, maximum=MAX_RETRIES) or 0}
     if body.get("fileUrl") not in (None, ""):
-        file_id, file_name = _parse_upload_url(body["fileUrl"], _allowed_upload_hosts(request))
-        record = await store.get_file(file_id)
-        if record is None or record["name"] != file_name or not _file_is_readable_by(principal, record):
-            raise _invalid_field("fileUrl", "fileUrl names no file you uploaded (or it has expired)")
-    job = await store.insert_job({
-        "id": _new_id("job"), "command": command, "file_id": file_id, "file_name": file_name,
-        "working_directory": _validate_working_directory(body.get("workingDirectory")),
-        "timeout": _validate_timeout(body.get("timeout")), "priority": priority,
-        "priority_rank": PRIORITY_RANK[priority], "tags": json.dumps(_validate_tags(body.get("tags"))),
-        "max_attempts": _optional_int(body, "maxAttempts", minimum=1, maximum=MAX_ATTEMPTS_LIMIT) or 3,
-        "retries": _optional_int(body, "retries", minimum=0, maximum=MAX_RETRIES) or 0,
-        "submitted_by": principal.id, "created_at": _iso(_utcnow())})
-    announce(request.app, job)
-    estimate = await store.queue_estimate(job["id"], _heartbeat_cutoff(request.app[CONFIG]))
+        spec["file"] = (*_parse_upload_url(body["fileUrl"], _allowed_upload_hosts(request)), None)
+    return spec
+
+
+async def submit_view(request: web.Request) -> web.Response:
+    principal = _user(request)
+    jobs = request.app[JOBS]
+    job = await jobs.submit(principal, _job_spec(request, await _json_body(request)))
     return _json({"success": True, "jobId": job["id"], "status": JobState.QUEUED.value,
-                  "createdAt": job["created_at"], "estimatedWaitTime": _estimated_wait(estimate)}, status=201)
+                  "createdAt": job["created_at"], "estimatedWaitTime": await jobs.estimated_wait(job)}, status=201)
 
 
-def _estimated_wait(estimate: dict) -> int:
-    """Seconds until a worker is likely free for the job: the jobs queued ahead and running,
-    beyond the online workers, at the recent mean run time, shared among those workers."""
-    workers = max(estimate["online"], 1)
-    waiting_for = estimate["ahead"] + estimate["running"] - workers + 1
-    if waiting_for <= 0:
-        return 0
-    return math.ceil(waiting_for * (estimate["mean_run"] or 0) / workers)
-
-
-def _job_summary(row: dict) -> dict:
-    return {"jobId": row["id"], "command": row["command"], "status": row["status"], "workerId": row["worker_id"],
-            "priority": row["priority"], "tags": json.loads(row["tags"]), "createdAt": row["created_at"],
-            "startedAt": row["started_at"], "completedAt": row["completed_at"], "exitCode": row["exit_code"],
-            "error": row["error"]}
-
-
-async def job_status(request: web.Request) -> web.Response:
+async def status_view(request: web.Request) -> web.Response:
     _user(request)
     job_id = request.query.get("jobId")
     if not job_id:
         raise _invalid_field("jobId", "jobId is required")
-    store = request.app[STORE]
-    row = await store.get_job(job_id)
-    if row is None:
-        raise NotFound("Job not found")
-    output = joined_output(row, await store.output_parts(job_id, row["attempt"]))
-    job = {**_job_summary(row), **output, "progress": row["progress"], "timeout": row["timeout"],
-           "workingDirectory": row["working_directory"], "attempts": row["attempt"],
-           "fileUrl": _upload_url(row["file_id"], row["file_name"]) if row["file_id"] else None}
-    return _json({"success": True, "job": job})
+    return _json({"success": True, "job": await request.app[JOBS].status(job_id)})
 
 
-async def list_jobs(request: web.Request) -> web.Response:
+async def list_jobs_view(request: web.Request) -> web.Response:
     _user(request)
     page = _page(request, JOB_SORT_COLUMNS, "createdAt", "seq")
     status = request.query.get("status")
     if status is not None and status not in {s.value for s in JobState}:
         raise _invalid_field("status", f"status must be one of {', '.join(s.value for s in JobState)}")
     total, rows = await request.app[STORE].list_jobs(status=status, worker_id=request.query.get("workerId"), **page)
-    return _page_json(page, total, "jobs", [_job_summary(r) for r in rows])
+    return _page_json(page, total, "jobs", [job_json(row, JOB_SUMMARY) for row in rows])
 
 
-async def get_job(request: web.Request) -> web.Response:
-    """A worker asks for work; with ``?wait=N`` the request waits up to N seconds for a job."""
+async def claim_view(request: web.Request) -> web.Response:
+    """A worker asks for work; with ``?wait=N`` the request waits up to N seconds for a job. An
+    agent names its run and numbers its polls (``run``, ``poll``), so that its heartbeats can say
+    which claims reached it."""
     worker = _worker(request)
-    wait = _query_number(request.query, "wait", 0, 0, MAX_LONG_POLL_SECONDS, parse=float,
-                         what="a number of seconds")
-    app = request.app
-    job = await _claim_or_wait(request, worker, wait)
+    query = request.query
+    wait = _query_number(query, "wait", 0, 0, MAX_LONG_POLL_SECONDS, parse=float, what="a number of seconds")
+    run = _run_id(query.get("run"), "run")
+    poll = _query_number(query, "poll", None, 1, 2**62)
+    jobs = request.app[JOBS]
+    job = await _claim_or_wait(request, worker, wait, run, poll)
     if job is None:
         return web.Response(status=204)
     if _client_gone(request):  # it hung up while we claimed: the job goes back, untouched
-        await app[STORE].release_job(job["id"], worker.id, job["attempt"])
-        app[BELL].ring(json.loads(job["tags"]))
+        await jobs.release(job)
+        request.app[BELL].ring(json.loads(job["tags"]))
         return web.Response(status=204)
-    announce(app, job)
-    base = app[CONFIG].public_url.rstrip("/") or f"{request.scheme}://{request.host}"
-    file_url = base + _upload_url(job["file_id"], job["file_name"]) if job["file_id"] else None
-    return _json({"success": True, "job": {
-        "jobId": job["id"], "command": job["command"], "fileUrl": file_url,
-        "workingDirectory": job["working_directory"], "timeout": job["timeout"],
-        "attempt": job["attempt"], "tags": json.loads(job["tags"])}})
+    jobs.deliver(job)
+    answer = job_json(job, JOB_FOR_WORKER)
+    if answer["fileUrl"]:
+        answer["fileUrl"] = (request.app[CONFIG].public_url.rstrip("/") or f"{request.scheme}://{request.host}"
+                             ) + answer["fileUrl"]
+    return _json({"success": True, "job": answer})
 
 
-async def _claim_or_wait(request: web.Request, worker: Principal, wait: float) -> dict | None:
+async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, run: Optional[str],
+                         poll: Optional[int]) -> dict | None:
     """Claim the best job for the worker, waiting up to ``wait`` seconds for one to be announced.
     A wake-up this worker cannot use (it hung up, or its claim took another job) is passed on."""
-    bell, store = request.app[BELL], request.app[STORE]
+    bell, jobs = request.app[BELL], request.app[JOBS]
     tags = frozenset(json.loads(worker.tags))
     deadline = time.monotonic() + wait
     while True:
         ring = bell.listen(tags)
         try:
-            job = await store.claim_next_job(worker.id, worker.tags, _iso(_utcnow()))
+            job = await jobs.claim(worker, run, poll)
             if job is not None:
                 if ring.done():  # it rang while we claimed: the job it announced may be another one
                     bell.ring(ring.result())
@@ -1560,35 +1843,12 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-def _job_lock(app: web.Application, job_id: str) -> asyncio.Lock:
-    """One lock per job for its worker's writes: check-then-append-then-finish is several
-    statements, and a second result or chunk must not slip in between them."""
-    locks = app[JOB_LOCKS]
-    lock = locks.get(job_id)
-    if lock is None:
-        lock = locks[job_id] = asyncio.Lock()
-    return lock
-
-
-async def _held_job(request: web.Request, worker: Principal, body: dict) -> tuple[dict, int]:
-    """The running job named in the body and the attempt the worker holds, or 404/409."""
-    job = await request.app[STORE].get_job(body["jobId"])
-    if job is None:
-        raise NotFound("Job not found")
-    attempt = _optional_int(body, "attempt", minimum=1)
-    if job["worker_id"] != worker.id or job["status"] != JobState.RUNNING or attempt not in (None, job["attempt"]):
-        raise Conflict("This worker does not hold the job (it finished, was cancelled or was reassigned)",
-                       code="NOT_JOB_HOLDER")
-    return job, job["attempt"]
-
-
-async def _record_output(app: web.Application, job: dict, worker_id: str, attempt: int, stream: str,
-                         data: str) -> None:
-    if data:
-        cap = app[CONFIG].max_output_mb * 1024 * 1024
-        if not await app[STORE].append_output(job["id"], worker_id, attempt, stream, data, cap):
-            raise Conflict("This worker does not hold the job", code="NOT_JOB_HOLDER")
-        app[HUB].publish({"type": "job.output", "jobId": job["id"], "stream": stream, "data": data})
+def _run_id(value: Any, field: str) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not RUN_ID_PATTERN.fullmatch(value):
+        raise _invalid_field(field, f"{field} must be 1-64 letters, digits, '_' or '-'")
+    return value
 
 
 def _output_field(body: dict, field: str) -> str:
@@ -1600,7 +1860,17 @@ def _output_field(body: dict, field: str) -> str:
     return value
 
 
-async def stream_output(request: web.Request) -> web.Response:
+def _running_for(body: dict) -> Optional[float]:
+    """Seconds the attempt's command has run on the agent (it starts the timeout's clock)."""
+    value = body.get("runningFor")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2 * MAX_JOB_TIMEOUT:
+        raise _invalid_field("runningFor", "runningFor must be the seconds the command has run")
+    return float(value)
+
+
+async def stream_output_view(request: web.Request) -> web.Response:
     """Append a chunk of output. An empty chunk is a keep-alive: its 409 tells the worker the job
     is no longer its own (cancelled, or given to another attempt)."""
     worker = _worker(request)
@@ -1611,17 +1881,13 @@ async def stream_output(request: web.Request) -> web.Response:
         raise _invalid_field("type", "type must be stdout or stderr")
     if not isinstance(body.get("data"), str):
         raise _invalid_field("data", "data is required (a string)")
-    progress = _optional_int(body, "progress", minimum=0, maximum=100)
-    app = request.app
-    async with _job_lock(app, job_id):
-        job, attempt = await _held_job(request, worker, body)
-        await _record_output(app, job, worker.id, attempt, stream, body["data"])
-        if progress is not None:
-            await app[STORE].set_progress(job_id, progress)
+    await request.app[JOBS].record_output(
+        worker, job_id, _optional_int(body, "attempt", minimum=1), stream, body["data"],
+        _optional_int(body, "progress", minimum=0, maximum=100), _running_for(body))
     return _json({"success": True, "received": True})
 
 
-async def submit_result(request: web.Request) -> web.Response:
+async def submit_result_view(request: web.Request) -> web.Response:
     """The worker's final word on its attempt. stdout/stderr here are appended to what was streamed."""
     worker = _worker(request)
     body = await _json_body(request)
@@ -1631,53 +1897,23 @@ async def submit_result(request: web.Request) -> web.Response:
     exit_code = body.get("exitCode")
     if isinstance(exit_code, bool) or not isinstance(exit_code, int) or not -(2**31) <= exit_code < 2**31:
         raise _invalid_field("exitCode", "exitCode is required (an integer)")
-    stdout, stderr = _output_field(body, "stdout"), _output_field(body, "stderr")
+    output = {stream: _output_field(body, stream) for stream in ("stdout", "stderr")}
     error = body.get("error")
     if error is not None and not isinstance(error, str):
         raise _invalid_field("error", "error must be a string")
-    app = request.app
-    store = app[STORE]
-    async with _job_lock(app, job_id):
-        job, attempt = await _held_job(request, worker, body)
-        await _record_output(app, job, worker.id, attempt, "stdout", stdout)
-        await _record_output(app, job, worker.id, attempt, "stderr", stderr)
-        if exit_code == 0:
-            finished = await store.finish_job(job_id, worker.id, attempt, status=JobState.COMPLETED.value,
-                                              exit_code=0, error=None, now=_iso(_utcnow()))
-        elif job["retried"] < job["retries"]:
-            reason = f"attempt {attempt} exited with code {exit_code}; retrying"
-            finished = await store.requeue_for_retry(job_id, worker.id, attempt, exit_code=exit_code, error=reason)
-        else:
-            finished = await store.finish_job(job_id, worker.id, attempt, status=JobState.FAILED.value,
-                                              exit_code=exit_code, error=error or f"exited with code {exit_code}",
-                                              now=_iso(_utcnow()))
-    if finished is None:  # cancelled or lost between the check and the write
-        raise Conflict("This worker does not hold the job", code="NOT_JOB_HOLDER")
-    announce(app, finished)
+    await request.app[JOBS].finish(worker, job_id, _optional_int(body, "attempt", minimum=1), exit_code, error,
+                                   output, _running_for(body))
     return _json({"success": True, "message": "Result saved", "jobId": job_id})
 
 
-async def cancel_job(request: web.Request) -> web.Response:
-    """Cancel a queued or running job (its submitter or an admin). A running job's worker learns
-    it at its next output call (a 409) and kills the job's process tree."""
+async def cancel_view(request: web.Request) -> web.Response:
     principal = _user(request)
-    body = await _json_body(request)
-    job_id = _require_string(body, "jobId", max_length=128)
-    store = request.app[STORE]
-    job = await store.get_job(job_id)
-    if job is None:
-        raise NotFound("Job not found")
-    if job["submitted_by"] != principal.id and not principal.is_admin:
-        raise Forbidden("Only the submitter or an admin may cancel a job")
-    async with _job_lock(request.app, job_id):  # not between a worker's final chunk and its result
-        cancelled = await store.cancel_job(job_id, f"cancelled by {principal.email}", _iso(_utcnow()))
-    if cancelled is None:
-        raise Conflict(f"Job already {job['status']}", code="JOB_FINISHED")
-    announce(request.app, cancelled)
+    job_id = _require_string(await _json_body(request), "jobId", max_length=128)
+    await request.app[JOBS].cancel(principal, job_id)
     return _json({"success": True, "jobId": job_id, "status": JobState.CANCELLED.value})
 
 
-async def job_events(request: web.Request) -> web.WebSocketResponse:
+async def events_view(request: web.Request) -> web.WebSocketResponse:
     """WebSocket of job events; ``?jobId=`` narrows to one job. Users only, same origin only."""
     _user(request)
     origin = request.headers.get("Origin")
@@ -1689,23 +1925,27 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
     queue = hub.subscribe(ws, request.query.get("jobId"))
 
     async def send_events() -> None:
-        while True:
-            await ws.send_str(await queue.get())
+        while (message := await queue.get()) is not None:
+            await ws.send_str(message)
+        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow")
 
-    sender = asyncio.ensure_future(send_events())
+    sender = asyncio.create_task(send_events())
     try:
         async for _message in ws:
             pass  # clients only listen; reading keeps pings and the close handshake going
     finally:
-        sender.cancel()
         hub.unsubscribe(ws)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+            await sender
     return ws
 
 
-# -- operations -----------------------------------------------------------------
+# === HTTP: files and operations ===
 
 
-async def page(request: web.Request) -> web.FileResponse:
+
+async def page_view(request: web.Request) -> web.FileResponse:
     """The web page: one self-contained file, no build step, nothing loaded from elsewhere."""
     return web.FileResponse(PAGE_PATH, headers={
         "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-cache",
@@ -1714,18 +1954,18 @@ async def page(request: web.Request) -> web.FileResponse:
 
 
 
-async def health(request: web.Request) -> web.Response:
+async def health_view(request: web.Request) -> web.Response:
     """For monitors, without auth: 200 while the database takes writes, 503 otherwise."""
     app = request.app
     store = app[STORE]
-    await store.prove_writable(_iso(_utcnow()))
-    counts = await store.counts(_heartbeat_cutoff(app[CONFIG]))
+    await store.prove_writable()
+    counts = await store.counts(app[JOBS].heartbeat_cutoff())
     return _json({"status": "ok", "version": __version__, "uptimeSeconds": round(time.monotonic() - app[STARTED], 1),
                   "queueDepth": sum(counts["queue"].values()), "runningJobs": counts["jobs"].get("running", 0),
                   "onlineWorkers": counts["workers"].get("online", 0)})
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics_view(request: web.Request) -> web.Response:
     """Prometheus text format. Open to loopback; elsewhere only with DISPATCH_METRICS_TOKEN."""
     app = request.app
     token = app[CONFIG].metrics_token
@@ -1734,7 +1974,7 @@ async def metrics(request: web.Request) -> web.Response:
     if not _is_loopback(caller) and not (token and hmac.compare_digest(offered.encode(), token.encode())):
         raise Forbidden("Metrics are open to loopback only; elsewhere send Authorization: Bearer "
                         "<DISPATCH_METRICS_TOKEN>", code="METRICS_FORBIDDEN")
-    app[METRICS].set_counts(await app[STORE].counts(_heartbeat_cutoff(app[CONFIG])))
+    app[METRICS].set_counts(await app[STORE].counts(app[JOBS].heartbeat_cutoff()))
     return web.Response(body=generate_latest(app[METRICS].registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -1748,7 +1988,7 @@ def _is_loopback(address: str | None) -> bool:
 # -- files ----------------------------------------------------------------------
 
 
-async def upload_file(request: web.Request) -> web.Response:
+async def upload_view(request: web.Request) -> web.Response:
     """Stream a multipart ``file`` to disk, never whole in memory. Over the limit, cut short or
     malformed, it is refused and nothing is kept."""
     principal = _user(request)
@@ -1771,9 +2011,9 @@ async def upload_file(request: web.Request) -> web.Response:
     finally:
         uploading.discard(asyncio.current_task())
         partial.unlink(missing_ok=True)
-    now = _utcnow()
+    clock = request.app[CLOCK]
     record = {"id": file_id, "name": name, "size": size, "sha256": sha256, "owner_id": principal.id,
-              "uploaded_at": _iso(now), "expires_at": _iso(now + dt.timedelta(days=config.file_ttl_days))}
+              "uploaded_at": clock.iso(), "expires_at": clock.iso(config.file_ttl_days * 86400)}
     await request.app[STORE].insert_file(record)
     request.app[METRICS].upload_bytes.inc(size)
     return _json({"success": True, "fileId": file_id, "filename": name, "size": size, "sha256": sha256,
@@ -1809,14 +2049,14 @@ async def _next_file_field(reader) -> Any:
     raise InvalidFile("Form field 'file' is required", code="MISSING_FILE", details={"field": "file"})
 
 
-async def download_file(request: web.Request) -> web.StreamResponse:
+async def download_view(request: web.Request) -> web.StreamResponse:
     """The file by id (``/api/files/download/{id}``) or by its upload URL (``/uploads/{id}/{name}``)."""
     principal = request[PRINCIPAL]
     if principal is None:
         raise Unauthorized("Authentication required")
     file_id = request.match_info["file_id"]
     store = request.app[STORE]
-    record = await store.get_file(file_id) if FILE_ID_PATTERN.fullmatch(file_id) else None
+    record = await store.file_by_id(file_id) if FILE_ID_PATTERN.fullmatch(file_id) else None
     if record is None or request.match_info.get("name", record["name"]) != record["name"]:
         raise NotFound("File not found")
     allowed = (await store.worker_holds_file(principal.id, file_id) if principal.kind == "worker"
@@ -1833,22 +2073,9 @@ async def download_file(request: web.Request) -> web.StreamResponse:
         "Content-Disposition": f"attachment; filename=\"{record['name']}\"; filename*=UTF-8''{quoted}"})
 
 
-# ============================================================================
-# App: typed state, background tasks, the route table
-# ============================================================================
 
-CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", Store)
-TOKENS = web.AppKey("tokens", Tokens)
-BELL = web.AppKey("bell", QueueBell)
-HUB = web.AppKey("hub", EventHub)
-RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
-METRICS = web.AppKey("metrics", Metrics)
-STARTED = web.AppKey("started", float)
-UPLOADS_IN_PROGRESS = web.AppKey("uploads_in_progress", set)
-JOB_LOCKS = web.AppKey("job_locks", weakref.WeakValueDictionary)
-PRINCIPAL = web.RequestKey("principal", object)  # Principal, or None for an anonymous caller
-RATE_HEADERS = web.RequestKey("rate_headers", dict)
+# === App: resources, background tasks, the route table ===
+
 
 
 async def _storage_ctx(app: web.Application):
@@ -1862,17 +2089,14 @@ async def _storage_ctx(app: web.Application):
         token = _read_or_create_secret(config.data_path / "registration_token", lambda: secrets.token_urlsafe(24))
         app[CONFIG] = config = dataclasses.replace(config, registration_token=token)
     app[TOKENS] = Tokens(_read_or_create_secret(config.data_path / "jwt_secret", lambda: secrets.token_hex(32)))
-    store = await Store.open(config.data_path / "dispatch.db")
-    app[STORE] = store
+    app[STORE] = store = await Store.open(config.data_path / "dispatch.db", app[CLOCK])
+    app[JOBS] = Jobs(store, config, app[CLOCK], Announcer(app[HUB], app[BELL], app[METRICS]))
     if await store.count_users() == 0:
         password = config.admin_password or secrets.token_urlsafe(12)
         await create_user(store, config.admin_email, password, "admin", config.bcrypt_rounds)
         app[FIRST_ADMIN] = (config.admin_email, "" if config.admin_password else password)
     yield
     await store.close()
-
-
-FIRST_ADMIN = web.AppKey("first_admin", tuple)
 
 
 async def _sweeper_ctx(app: web.Application):
@@ -1884,7 +2108,7 @@ async def _sweeper_ctx(app: web.Application):
         next_storage_sweep = 0.0
         while True:
             try:
-                await sweep_jobs(app)
+                await app[JOBS].sweep()
                 if time.monotonic() >= next_storage_sweep:
                     await _sweep_storage(app)
                     next_storage_sweep = time.monotonic() + SWEEP_INTERVAL
@@ -1892,15 +2116,17 @@ async def _sweeper_ctx(app: web.Application):
                 log.exception("sweep failed; trying again")
             await asyncio.sleep(job_period)
 
-    task = asyncio.ensure_future(sweep_forever())
+    task = asyncio.create_task(sweep_forever())
     yield
     task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _sweep_storage(app: web.Application) -> None:
     store, uploads = app[STORE], app[CONFIG].data_path / "uploads"
-    now = _utcnow()
-    while expired := await store.expired_files(_iso(now)):
+    now = app[CLOCK].now()
+    while expired := await store.expired_files():
         for record in expired:
             folder = uploads / record["id"]
             for path in folder.glob("*"):
@@ -1921,11 +2147,13 @@ async def _on_shutdown(app: web.Application) -> None:
         upload.cancel()  # its body would never arrive; the partial file is removed
 
 
-def create_app(config: Config) -> web.Application:
-    """The dispatch web application, ready for ``web.run_app`` or embedding."""
+def create_app(config: Config, *, clock: Optional[Clock] = None) -> web.Application:
+    """The dispatch web application, ready for ``web.run_app`` or embedding. A test may pass a
+    clock it moves itself."""
     app = web.Application(middlewares=[access_middleware, error_middleware, auth_middleware],
                           client_max_size=MAX_REQUEST_BODY)
     app[CONFIG] = config
+    app[CLOCK] = clock or Clock()
     app[BELL] = QueueBell()
     app[HUB] = EventHub()
     app[RATE_LIMITER] = RateLimiter()
@@ -1933,39 +2161,38 @@ def create_app(config: Config) -> web.Application:
     app[METRICS].websocket_clients.set_function(lambda: app[HUB].client_count)
     app[STARTED] = time.monotonic()
     app[UPLOADS_IN_PROGRESS] = set()
-    app[JOB_LOCKS] = weakref.WeakValueDictionary()
     app.cleanup_ctx.extend([_storage_ctx, _sweeper_ctx])
     app.on_shutdown.append(_on_shutdown)
     app.on_response_prepare.append(_add_rate_limit_headers)
     routes = [
-        web.post(LOGIN_PATH, login),
-        web.post("/api/auth/logout", logout),
-        web.post(REFRESH_PATH, refresh),
-        web.get("/api/auth/me", whoami),
-        web.get("/api/users", list_users),
-        web.post("/api/users", add_user),
-        web.delete("/api/users/{user_id}", delete_user),
-        web.post("/api/workers/register", register_worker),
-        web.post("/api/workers/heartbeat", heartbeat),
-        web.get("/api/workers/list", list_workers),
-        web.get("/api/workers/{worker_id}", get_worker),
-        web.delete("/api/workers/{worker_id}", delete_worker),
-        web.post("/api/jobs/submit", submit_job),
-        web.get("/api/jobs/status", job_status),
-        web.get("/api/jobs/list", list_jobs),
-        web.get("/api/jobs/get-job", get_job),
-        web.post("/api/jobs/stream-output", stream_output),
-        web.post("/api/jobs/submit-result", submit_result),
-        web.post("/api/jobs/cancel", cancel_job),
-        web.post("/api/files/upload", upload_file),
-        web.get("/api/files/download/{file_id}", download_file),
-        web.get("/uploads/{file_id}/{name}", download_file),
-        web.get("/", page),
-        web.get("/api/health", health),
-        web.get("/metrics", metrics),
+        web.post(LOGIN_PATH, login_view),
+        web.post("/api/auth/logout", logout_view),
+        web.post(REFRESH_PATH, refresh_view),
+        web.get("/api/auth/me", whoami_view),
+        web.get("/api/users", list_users_view),
+        web.post("/api/users", add_user_view),
+        web.delete("/api/users/{user_id}", delete_user_view),
+        web.post("/api/workers/register", register_view),
+        web.post("/api/workers/heartbeat", heartbeat_view),
+        web.get("/api/workers/list", list_workers_view),
+        web.get("/api/workers/{worker_id}", worker_view),
+        web.delete("/api/workers/{worker_id}", delete_worker_view),
+        web.post("/api/jobs/submit", submit_view),
+        web.get("/api/jobs/status", status_view),
+        web.get("/api/jobs/list", list_jobs_view),
+        web.get("/api/jobs/get-job", claim_view),
+        web.post("/api/jobs/stream-output", stream_output_view),
+        web.post("/api/jobs/submit-result", submit_result_view),
+        web.post("/api/jobs/cancel", cancel_view),
+        web.post("/api/files/upload", upload_view),
+        web.get("/api/files/download/{file_id}", download_view),
+        web.get(UPLOAD_ROUTE, download_view),
+        web.get("/", page_view),
+        web.get("/api/health", health_view),
+        web.get("/metrics", metrics_view),
     ]
     app.add_routes(routes)
-    websocket = app.router.add_get("/api/jobs/stream", job_events)
+    websocket = app.router.add_get("/api/jobs/stream", events_view)
     if config.cors_origin_list:
         options = aiohttp_cors.ResourceOptions(allow_credentials=True, expose_headers="*", allow_headers="*")
         cors = aiohttp_cors.setup(app, defaults={origin: options for origin in config.cors_origin_list})
@@ -1975,22 +2202,20 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
-# ============================================================================
-# CLI
-# ============================================================================
+# === CLI ===
+
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    env_help = "\n".join(f"  {env:<30} {help_} (default: {default!r})"
-                         for _f, _flag, env, _k, default, help_ in SETTINGS)
+    env_help = "\n".join(f"  {s.env:<30} {s.help} (default: {s.default!r})" for s in SETTINGS)
     parser = argparse.ArgumentParser(
         prog="dispatch.py", description="dispatch: a job farm for a LAN. Runs the server.",
         epilog=f"environment variables (flags win over them):\n{env_help}",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dispatch {__version__}")
-    for field, flag, env, kind, default, help_ in SETTINGS:
-        if flag:
-            parser.add_argument(flag, dest=field, type=kind, help=f"{help_} (env {env}, default {default})")
+    for s in SETTINGS:
+        if s.flag:
+            parser.add_argument(s.flag, dest=s.field, type=s.kind, help=f"{s.help} (env {s.env}, default {s.default})")
     commands = parser.add_subparsers(dest="command", metavar="{user,backup}")
     user = commands.add_parser("user", help="manage users: user add EMAIL --role admin|user")
     user_commands = user.add_subparsers(dest="user_command", required=True)
@@ -2090,7 +2315,7 @@ def _print_banner(app: web.Application) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _build_parser().parse_args(argv)
-    overrides = {field: getattr(args, field) for field, flag, *_ in SETTINGS if flag}
+    overrides = {s.field: getattr(args, s.field) for s in SETTINGS if s.flag}
     config = Config.from_env(**overrides)
     _setup_logging(config.log_format)
     if args.command == "backup":

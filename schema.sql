@@ -1,4 +1,4 @@
--- dispatch schema, version 1. Applied at every start; every statement is idempotent.
+-- dispatch schema, version 2 (dispatch.py's MIGRATIONS bring a version 1 database here). Applied at every start; every statement is idempotent.
 -- Timestamps are ISO 8601 UTC text with milliseconds ("2026-01-25T10:30:00.000Z"), so text order is time order.
 
 CREATE TABLE IF NOT EXISTS users (
@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     command           TEXT NOT NULL,
     file_id           TEXT,
     file_name         TEXT,
+    file_sha256       TEXT,                     -- the input's hash, for the agent to check what it fetched
     working_directory TEXT,
     timeout           INTEGER NOT NULL,
     priority          TEXT NOT NULL,
@@ -55,16 +56,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     submitted_by      TEXT NOT NULL,
     worker_id         TEXT,
     attempt           INTEGER NOT NULL DEFAULT 0,  -- hand-outs so far; the current one holds the job
-    max_attempts      INTEGER NOT NULL DEFAULT 3,  -- hand-outs a lost worker may cost before the job fails
-    retries           INTEGER NOT NULL DEFAULT 0,  -- re-runs allowed after a non-zero exit
+    max_attempts      INTEGER NOT NULL DEFAULT 3,  -- attempts lost workers may cost before the job fails
+    losses            INTEGER NOT NULL DEFAULT 0,  -- attempts lost with their worker so far
+    retries           INTEGER NOT NULL DEFAULT 0,  -- re-runs allowed after a non-zero exit or a timeout
     retried           INTEGER NOT NULL DEFAULT 0,
+    claim_run         TEXT,                        -- the agent run and poll that claimed the current attempt,
+    claim_poll        INTEGER,                     -- so its heartbeats can say which claims reached it
     stdout_chars      INTEGER NOT NULL DEFAULT 0,  -- output received in the current attempt,
     stderr_chars      INTEGER NOT NULL DEFAULT 0,  -- kept or not (see job_output.part)
     progress          INTEGER,
     exit_code         INTEGER,
     error             TEXT,
     created_at        TEXT NOT NULL,
-    started_at        TEXT,
+    started_at        TEXT,                        -- claimed
+    command_started_at TEXT,                       -- the command started on the worker: the timeout's start
     completed_at      TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority_rank DESC, seq);
@@ -91,4 +96,4 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import io
 import json
 import os
@@ -121,17 +122,37 @@ class Api:
         return (await response.json())["job"]
 
 
-@pytest.fixture
-async def client(aiohttp_client, config):
-    return await aiohttp_client(dispatch.create_app(config))
+class MovableClock(dispatch.Clock):
+    """Real time, moved forward by the test (``advance``) or stopped at a moment (``frozen``), so
+    lease and timeout tests never sleep around a threshold."""
+
+    def __init__(self) -> None:
+        self.offset = dt.timedelta()
+        self.frozen: dt.datetime | None = None
+
+    def now(self) -> dt.datetime:
+        return self.frozen or super().now() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += dt.timedelta(seconds=seconds)
 
 
 @pytest.fixture
-def make_client(aiohttp_client, config):
+def clock() -> MovableClock:
+    return MovableClock()
+
+
+@pytest.fixture
+async def client(aiohttp_client, config, clock):
+    return await aiohttp_client(dispatch.create_app(config, clock=clock))
+
+
+@pytest.fixture
+def make_client(aiohttp_client, config, clock):
     """A client for an app with some settings changed: ``await make_client(rate_limit=5)``."""
 
     async def make(**changes):
-        return await aiohttp_client(dispatch.create_app(dataclasses.replace(config, **changes)))
+        return await aiohttp_client(dispatch.create_app(dataclasses.replace(config, **changes), clock=clock))
 
     return make
 

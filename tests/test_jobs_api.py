@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-import dispatch
 from conftest import ISO_MS, Api, make_zip
 
 
@@ -663,12 +662,11 @@ async def test_bad_sort_or_paging_is_400(api, params):
     assert await total_jobs(api) == 1
 
 
-async def test_minus_created_at_is_exactly_the_reverse_even_within_one_millisecond(api, monkeypatch):
+async def test_minus_created_at_is_exactly_the_reverse_even_within_one_millisecond(api, clock):
     admin = await api.admin()
-    frozen = dt.datetime(2026, 1, 25, 10, 30, 0, 123000, tzinfo=dt.timezone.utc)
-    monkeypatch.setattr(dispatch, "_utcnow", lambda: frozen)
+    clock.frozen = dt.datetime(2026, 1, 25, 10, 30, 0, 123000, tzinfo=dt.timezone.utc)
     ids = [await api.submit(admin, f"job {n}") for n in range(6)]
-    monkeypatch.undo()
+    clock.frozen = None
 
     ascending = await job_ids(api, sort="createdAt")
     descending = await job_ids(api, sort="-createdAt")

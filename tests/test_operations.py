@@ -88,7 +88,7 @@ async def test_metrics_need_the_token_from_beyond_loopback(make_client):
     assert "dispatch_jobs" in await allowed.text()
 
 
-async def test_retention_deletes_exactly_the_old_finished_jobs(client, api, config):
+async def test_retention_deletes_exactly_the_old_finished_jobs(client, api, config, clock):
     token = await api.admin()
     worker = await api.register()
     old, recent = await api.submit(token, "echo old"), await api.submit(token, "echo recent")
@@ -97,7 +97,7 @@ async def test_retention_deletes_exactly_the_old_finished_jobs(client, api, conf
         await api.call("POST", "/api/jobs/submit-result", worker=worker,
                        json={"jobId": job["jobId"], "attempt": job["attempt"], "exitCode": 0, "stdout": "out"})
     old_queued = await api.submit(token, "echo still waiting")
-    long_ago = dispatch._iso(dispatch._utcnow() - dt.timedelta(days=config.job_retention_days + 1))
+    long_ago = dispatch._iso(clock.now() - dt.timedelta(days=config.job_retention_days + 1))
     db = sqlite3.connect(f"{config.data_dir}/dispatch.db", isolation_level=None)
     db.execute("UPDATE jobs SET completed_at = ? WHERE id = ?", (long_ago, old))
     db.execute("UPDATE jobs SET created_at = ? WHERE id = ?", (long_ago, old_queued))

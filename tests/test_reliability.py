@@ -83,21 +83,24 @@ async def test_deleting_a_worker_requeues_its_running_job(api):
     assert (await api.status(token, job_id))["status"] == "queued"
 
 
-async def test_running_job_far_past_its_timeout_fails_even_without_its_worker(client, api):
+async def test_running_job_far_past_its_timeout_fails_even_without_its_worker(client, api, clock):
     token = await api.admin()
     job_id = await api.submit(token, timeout=1)
-    await api.claim(await api.register())
-    store = client.app[dispatch.STORE]
-    grace = dispatch.server_timeout_grace(client.app[dispatch.CONFIG])
+    worker = await api.register()
+    await api.claim(worker)
+    jobs = client.app[dispatch.JOBS]
 
-    just_inside = dispatch._iso(dispatch._utcnow() + dt.timedelta(seconds=grace))
-    assert await store.fail_overdue_jobs(grace, just_inside) == []
-    later = dispatch._iso(dispatch._utcnow() + dt.timedelta(seconds=grace + 2))
-    [overdue] = await store.fail_overdue_jobs(grace, later)
+    clock.advance(1 + jobs.timeout_grace - 0.5)
+    await heartbeat(api, worker)  # still alive: only the timeout may end the job
+    await jobs.sweep()
+    assert (await api.status(token, job_id))["status"] == "running"
+    clock.advance(1)
+    await heartbeat(api, worker)
+    await jobs.sweep()
 
-    assert overdue["id"] == job_id
     job = await api.status(token, job_id)
-    assert (job["status"], job["error"]) == ("failed", "timed out after 1 s (no result from the worker)")
+    assert (job["status"], job["exitCode"], job["error"]) == (
+        "failed", 124, "timed out after 1 s (no result from the worker)")
 
 
 async def test_cancel_a_queued_job(api):
@@ -211,7 +214,7 @@ def test_a_long_poll_that_hung_up_never_swallows_a_job(dispatch_server):
 
 async def test_a_restarted_worker_gives_back_the_jobs_it_no_longer_runs(api):
     token = await api.admin()
-    kept, forgotten = await api.submit(token, "kept"), await api.submit(token, "forgotten")
+    kept, forgotten = await api.submit(token, "kept"), await api.submit(token, "forgotten", maxAttempts=1)
     worker = await api.register()
     await api.claim(worker), await api.claim(worker)
 
@@ -221,7 +224,10 @@ async def test_a_restarted_worker_gives_back_the_jobs_it_no_longer_runs(api):
     assert response.status == 200
     assert (await api.status(token, kept))["status"] == "running"
     job = await api.status(token, forgotten)
-    assert (job["status"], job["error"]) == ("queued", "worker worker-001 lost; requeued")
+    # Handed back by a live worker: queued again, although maxAttempts=1 (it cost no attempt).
+    assert (job["status"], job["error"]) == ("queued", "worker worker-001 no longer runs attempt 1; requeued")
+    again = await api.claim(worker)
+    assert (again["jobId"], again["attempt"]) == (forgotten, 2)
     bad = await api.call("POST", "/api/workers/heartbeat", worker=worker, json={"runningJobs": "all"})
     assert bad.status == 400
 
