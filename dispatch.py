@@ -2011,9 +2011,9 @@ async def upload_view(request: web.Request) -> web.Response:
     finally:
         uploading.discard(asyncio.current_task())
         partial.unlink(missing_ok=True)
-    clock = request.app[CLOCK]
+    now = request.app[CLOCK].now()
     record = {"id": file_id, "name": name, "size": size, "sha256": sha256, "owner_id": principal.id,
-              "uploaded_at": clock.iso(), "expires_at": clock.iso(config.file_ttl_days * 86400)}
+              "uploaded_at": _iso(now), "expires_at": _iso(now + dt.timedelta(days=config.file_ttl_days))}
     await request.app[STORE].insert_file(record)
     request.app[METRICS].upload_bytes.inc(size)
     return _json({"success": True, "fileId": file_id, "filename": name, "size": size, "sha256": sha256,

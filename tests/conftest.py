@@ -280,6 +280,17 @@ class LiveApi:
             time.sleep(0.05)
 
 
+# Fixtures that start real processes: a test that uses one is slow (left out of the fast loop,
+# ``python -m pytest -m "not slow"``).
+PROCESS_FIXTURES = frozenset({"server_env", "dispatch_server"})
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def server_env() -> dict[str, str]:
     return server_environment()

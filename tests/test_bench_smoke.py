@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the bench reads /proc")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the bench reads /proc")]
 
 
 def _run(*args: str, timeout: float = 90) -> str:

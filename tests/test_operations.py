@@ -35,6 +35,7 @@ async def test_health_reports_version_queue_and_workers_without_auth(api):
     assert body["uptimeSeconds"] >= 0
 
 
+@pytest.mark.slow
 async def test_health_is_503_while_the_database_cannot_be_written(api, config):
     blocker = sqlite3.connect(f"{config.data_dir}/dispatch.db", isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another process holding the write lock past the busy timeout
@@ -214,6 +215,7 @@ def test_sigterm_during_an_upload_abandons_it_promptly_and_leaves_no_partial_fil
     assert list((dispatch_server.data_dir / "uploads").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_version_and_help_document_every_setting():
     version = subprocess.run([sys.executable, str(ROOT / "dispatch.py"), "--version"], capture_output=True, text=True)
     help_text = subprocess.run([sys.executable, str(ROOT / "dispatch.py"), "--help"], capture_output=True, text=True)

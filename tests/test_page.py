@@ -7,6 +7,7 @@ A screenshot of a finished job's page is kept in tests/artifacts/job-page.png (n
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -24,6 +25,7 @@ from page_support import CHROMIUM, Agent, Api, launch_chromium, start_server  # 
 expect = sync_api.expect
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"the page tests need Chromium at {CHROMIUM} (apt-get install chromium)"),
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the jobs here are /bin/sh commands"),
 ]
@@ -94,6 +96,32 @@ def open_logged_in(page, path: str = "/") -> None:
     page.goto(path)
     log_in(page)
     expect(page.locator("#who")).to_have_text(ADMIN_EMAIL)
+
+
+def shown_output(page, expected: str, within: float = 5) -> str:
+    """The log's text once it equals `expected`, or as it stands after `within` seconds."""
+    log = page.locator("#log")
+    deadline = time.monotonic() + within
+    while (text := log.evaluate("el => el.textContent")) != expected and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    return text
+
+
+def late_status_answers(api, job_id: str, held: list):
+    """A route handler for the page's status requests that answers late, as a slow server or a long log
+    would: it has the server answer at once, then holds the answer until the job has printed more, so
+    the page gets output over its socket that the answer does not hold, before the answer."""
+    def handle(route):
+        response = route.fetch()
+        job = response.json()["job"]
+        if job["status"] == "running":
+            deadline = time.monotonic() + 5
+            while len(api.status(job_id)["stdout"]) <= len(job["stdout"]) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.3)  # the socket's copy of the new output reaches the page meanwhile
+            held.append(job)
+        route.fulfill(response=response)
+    return handle
 
 
 # --- tests -----------------------------------------------------------------------------------------
@@ -350,3 +378,76 @@ def test_phone_width_and_dark_scheme(browser, farm):
         assert sum(map(int, re.findall(r"\d+", background)[:3])) < 100, background  # dark
     finally:
         context.close()
+
+
+# --- output: what came before and what comes live, joined by offset -------------------------------
+
+
+@pytest.mark.parametrize("line", ["line-$i", "same", "\U0001F600 line-$i"], ids=["numbered", "repeated", "emoji"])
+def test_history_and_live_output_join_without_overlap_or_gap(page, api, line):
+    # Opened while the job runs, the page shows the output so far from the status answer, then the
+    # output that comes over the socket. The answer is held back (late_status_answers) so that chunks
+    # printed after it was read reach the page first. Identical lines are where guessing the overlap
+    # from the text fails: the answer ends with "same" lines whether or not it holds those chunks.
+    # An emoji is one character to the server's offsets and two UTF-16 units to JavaScript.
+    job_id = api.submit(f"for i in $(seq 1 200); do echo {line}; sleep 0.02; done")
+    api.wait(job_id, until=lambda job: job["stdout"].count("\n") >= 20)
+    open_logged_in(page, "/")
+    held: list[dict] = []
+    page.route(lambda url: "/api/jobs/status?" in url, late_status_answers(api, job_id, held))
+    page.goto(f"/#/jobs/{job_id}")
+
+    expect(page.locator("#job-status")).to_have_text("completed", timeout=20_000)
+    assert held, "the job had finished before the page asked for it"
+    assert 20 <= held[-1]["stdout"].count("\n") < 200
+    final = api.status(job_id)["stdout"]
+    assert final == "".join(f"{line.replace('$i', str(i))}\n" for i in range(1, 201))
+    shown = shown_output(page, final)
+    assert shown == final, f"{shown.count(chr(10))} lines shown of {final.count(chr(10))}"
+
+
+def test_a_lost_output_event_is_loaded_again_not_left_out(page, api):
+    # An output event that never reaches the page (here dropped on its way) leaves a gap that the
+    # next chunk's offset shows; the page loads the status again rather than show a log with a hole.
+    job_id = api.submit("for i in $(seq 1 200); do echo line-$i; sleep 0.02; done")
+    dropped: list[dict] = []
+
+    def route_socket(ws):
+        server = ws.connect_to_server()
+
+        def to_page(message):
+            event = json.loads(message)
+            first = re.search(r"line-(\d+)", event.get("data") or "")
+            if not dropped and event["type"] == "job.output" and first and int(first[1]) >= 100:
+                dropped.append(event)
+            else:
+                ws.send(message)
+        server.on_message(to_page)
+
+    page.route_web_socket(re.compile(r"/api/jobs/stream\?jobId="), route_socket)
+    open_logged_in(page, f"/#/jobs/{job_id}")
+    expect(page.locator("#log")).to_contain_text("line-50\n")  # the page is in step before the loss
+    expect(page.locator("#job-status")).to_have_text("completed", timeout=20_000)
+    assert dropped, "no output event was dropped"
+    final = api.status(job_id)["stdout"]
+    assert final == "".join(f"line-{i}\n" for i in range(1, 201))
+    shown = shown_output(page, final)
+    assert shown == final, f"{shown.count(chr(10))} lines shown of {final.count(chr(10))}"
+
+
+def test_a_retried_job_shows_the_output_of_its_new_attempt_alone(page, api, tmp_path):
+    # The second attempt's offsets start again at 0: the page starts its log again, too.
+    marker = tmp_path / "first-attempt"
+    job_id = api.submit(f"if [ -e '{marker}' ]; then a=second; else a=first; touch '{marker}'; fi; "
+                        "for i in $(seq 1 100); do echo $a-$i; sleep 0.02; done; [ $a = second ]", retries=1)
+    api.wait(job_id, until=lambda job: "first-10\n" in job["stdout"])
+    open_logged_in(page, f"/#/jobs/{job_id}")
+    log = page.locator("#log")
+    expect(log).to_contain_text("first-20\n")
+    expect(log).to_contain_text("second-1\n", timeout=20_000)
+    expect(page.locator("#job-status")).to_have_text("completed", timeout=20_000)
+    job = api.status(job_id)
+    assert job["attempts"] == 2
+    assert job["stdout"] == "".join(f"second-{i}\n" for i in range(1, 101))
+    shown = shown_output(page, job["stdout"])
+    assert shown == job["stdout"], f"{shown.count(chr(10))} lines shown of {job['stdout'].count(chr(10))}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 import stat
@@ -252,13 +251,12 @@ async def test_list_filters_by_tags_all_of_which_must_match(api):
     assert body["total"] == 2
 
 
-async def test_list_filters_by_status(make_client):
-    api = Api(await make_client(heartbeat_interval=0.2))
+async def test_list_filters_by_status(api, clock):
     admin = await api.admin()
     await api.register("quiet")
     alive = await api.register("alive")
     for _ in range(5):
-        await asyncio.sleep(0.15)
+        clock.advance(20)
         await heartbeat(api, alive)
 
     assert await worker_ids(api, admin, status="online") == ["alive"]
@@ -332,18 +330,17 @@ async def test_limit_of_1000_is_allowed(api):
 # -- offline --------------------------------------------------------------------
 
 
-async def test_worker_goes_offline_after_three_missed_intervals_and_back_online(make_client):
-    api = Api(await make_client(heartbeat_interval=0.2))
-    admin = await api.admin()
+async def test_worker_goes_offline_after_three_missed_intervals_and_back_online(api, clock):
+    admin = await api.admin()  # the default interval: 30 s
     worker = await api.register()
 
     async def status() -> str:
         body = await (await api.call("GET", "/api/workers/worker-001", token=admin)).json()
         return body["worker"]["status"]
 
-    await asyncio.sleep(0.3)  # 1.5 intervals: late, but not yet three missed
+    clock.advance(89.9)  # late, but not yet three intervals missed
     assert await status() == "online"
-    await asyncio.sleep(0.4)  # 3.5 intervals
+    clock.advance(0.2)
     assert await status() == "offline"
     await heartbeat(api, worker)
     assert await status() == "online"
