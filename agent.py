@@ -7,13 +7,15 @@ Copy this one file onto a desktop with Python 3.9+ (standard library only) and r
 
 The agent registers (its worker token is kept in the work dir and reused after a restart),
 long-polls the server for jobs, runs each job's command in a fresh directory holding the job's
-input (a zip is extracted safely), streams the output, kills the whole process tree past the
-job's timeout, and reports the exit code. A result waits on disk until the server takes it.
+input (checked against its sha256; a zip is extracted safely), streams the output, kills the
+whole process tree past the job's timeout (counted from the command's start), and reports the
+exit code. A result waits on disk until the server takes it. Every heartbeat is a lease: it
+lists the jobs this run holds, so the server requeues one whose claim never reached the agent.
 First Ctrl-C or SIGTERM: take no new jobs, let running ones finish. Second: kill them and
 report them as failed.
 
-Sections (`grep -n '^# ===' agent.py`): constants, errors, config, HTTP, archive handling,
-process trees, run_job, Agent, main.
+Sections (`grep -n '^# ===' agent.py`): constants, errors, config, HTTP, platform (ctypes),
+inputs, process trees, run_job, server link, spool, Agent, main.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ __all__ = [
 
 log = logging.getLogger("dispatch.agent")
 
-# === constants ===============================================================
+# === Constants ===
 
 _WINDOWS = os.name == "nt"
 
@@ -108,7 +110,7 @@ EXIT_STOPPED = 143  # 128 + SIGTERM: the agent was stopped twice while the job r
 MARKER_ENV = "DISPATCH_AGENT_MARK"  # in every job process's environment: "<agent key>/<job key>/"
 STREAMS = ("stdout", "stderr")
 
-# === errors ==================================================================
+# === Errors ===
 
 
 class AgentError(Exception):
@@ -147,7 +149,7 @@ class JobLost(AgentError):
     """The server says this worker no longer holds the job (cancelled, finished or reassigned)."""
 
 
-# === config ==================================================================
+# === Config: flags and environment ===
 
 # (flag, metavar, environment variable, default, help): --help and the README table come from here.
 _SETTINGS = (
@@ -235,7 +237,7 @@ def parse_config(argv: Optional[list] = None, environ: Optional[dict] = None) ->
     )
 
 
-# === HTTP ====================================================================
+# === HTTP: kept-alive connections, errors, backoff ===
 
 
 _connections = threading.local()  # each thread keeps one connection per server: no handshake per request
@@ -278,6 +280,7 @@ def _request(method, url, *, headers=None, body=None, timeout=HTTP_TIMEOUT_SECON
     log.debug("%s %s", method, url)
     for _ in range(2):
         conn, reused = _connection(parts.scheme, parts.netloc, timeout)
+        resp = None
         try:
             conn.request(method, target, body=data, headers=headers)
             resp = conn.getresponse()
@@ -290,7 +293,7 @@ def _request(method, url, *, headers=None, body=None, timeout=HTTP_TIMEOUT_SECON
             message, retry_after = _read_error(resp)
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as err:
             _forget_connection(parts.scheme, parts.netloc)
-            if reused:
+            if reused and resp is None:
                 continue  # the server closed a kept-alive connection before reading this request: once more
             raise ServerUnavailable(f"{method} {parts.path} failed: {err}") from None
         except (OSError, http.client.HTTPException, ValueError) as err:
@@ -349,7 +352,133 @@ def _origin(url: str) -> tuple:
     return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
 
 
-# === archive handling ========================================================
+# === Platform: Windows Job Objects, memory size, the work-dir lock ===
+
+
+class _JOBOBJECT_BASIC_LIMIT_INFORMATION(ctypes.Structure):
+    _fields_ = [
+        ("PerProcessUserTimeLimit", ctypes.c_int64),
+        ("PerJobUserTimeLimit", ctypes.c_int64),
+        ("LimitFlags", ctypes.c_uint32),
+        ("MinimumWorkingSetSize", ctypes.c_size_t),
+        ("MaximumWorkingSetSize", ctypes.c_size_t),
+        ("ActiveProcessLimit", ctypes.c_uint32),
+        ("Affinity", ctypes.c_size_t),
+        ("PriorityClass", ctypes.c_uint32),
+        ("SchedulingClass", ctypes.c_uint32),
+    ]
+
+
+class _JOBOBJECT_EXTENDED_LIMIT_INFORMATION(ctypes.Structure):
+    _fields_ = [
+        ("BasicLimitInformation", _JOBOBJECT_BASIC_LIMIT_INFORMATION),
+        ("IoInfo", ctypes.c_uint64 * 6),  # IO_COUNTERS
+        ("ProcessMemoryLimit", ctypes.c_size_t),
+        ("JobMemoryLimit", ctypes.c_size_t),
+        ("PeakProcessMemoryUsed", ctypes.c_size_t),
+        ("PeakJobMemoryUsed", ctypes.c_size_t),
+    ]
+
+
+_JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS = 9
+_JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel32():
+    """kernel32, with the argument types of the calls made here (Windows only)."""
+    k32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = ctypes.c_void_p
+    k32.CreateJobObjectW.restype = handle
+    k32.CreateJobObjectW.argtypes = (ctypes.c_void_p, ctypes.c_wchar_p)
+    k32.SetInformationJobObject.argtypes = (handle, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32)
+    k32.AssignProcessToJobObject.argtypes = (handle, handle)
+    k32.TerminateJobObject.argtypes = (handle, ctypes.c_uint32)
+    k32.CloseHandle.argtypes = (handle,)
+    k32.GlobalMemoryStatusEx.argtypes = (ctypes.c_void_p,)
+    return k32
+
+
+class _WindowsJob:
+    """A Windows Job Object holding one job's processes: terminating or closing it kills them all.
+
+    KILL_ON_JOB_CLOSE also kills them when the agent dies, so nothing is left behind for a restart.
+    """
+
+    def __init__(self, popen: subprocess.Popen):
+        k32 = _kernel32()
+        handle = k32.CreateJobObjectW(None, None)
+        if not handle:
+            raise ctypes.WinError(ctypes.get_last_error())
+        info = _JOBOBJECT_EXTENDED_LIMIT_INFORMATION()
+        info.BasicLimitInformation.LimitFlags = _JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+        ok = k32.SetInformationJobObject(
+            handle, _JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS, ctypes.byref(info), ctypes.sizeof(info)
+        )
+        # Popen has no public handle. A child the command starts before this line is not in the
+        # job; taskkill /T is the fallback that still reaches it while its parent lives.
+        if not ok or not k32.AssignProcessToJobObject(handle, int(popen._handle)):
+            error = ctypes.WinError(ctypes.get_last_error())
+            k32.CloseHandle(handle)
+            raise error
+        self._handle = handle
+
+    def terminate(self) -> bool:
+        k32 = _kernel32()
+        ok = bool(k32.TerminateJobObject(self._handle, 1))
+        k32.CloseHandle(self._handle)
+        return ok
+
+
+class _MEMORYSTATUSEX(ctypes.Structure):
+    _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32)] + [
+        (name, ctypes.c_uint64)
+        for name in (
+            "ullTotalPhys",
+            "ullAvailPhys",
+            "ullTotalPageFile",
+            "ullAvailPageFile",
+            "ullTotalVirtual",
+            "ullAvailVirtual",
+            "ullAvailExtendedVirtual",
+        )
+    ]
+
+
+def _total_memory_mb() -> Optional[int]:
+    """This computer's RAM in MiB, or None where the platform does not say."""
+    if _WINDOWS:
+        status = _MEMORYSTATUSEX()
+        status.dwLength = ctypes.sizeof(status)
+        if _kernel32().GlobalMemoryStatusEx(ctypes.byref(status)):
+            return status.ullTotalPhys // 2**20
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _lock_work_dir(work_dir: Path):
+    """Hold <work dir>/agent.lock for the life of the process: one agent per work dir."""
+    lock = open(work_dir / "agent.lock", "a+")
+    try:
+        if _WINDOWS:
+            import msvcrt
+
+            lock.seek(0)
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise AgentError(f"another agent is already using {work_dir}; give each agent its own --work-dir") from None
+    return lock
+
+
+# === Inputs: download, verify, cache, extract safely ===
 
 
 def _entry_parts(info: zipfile.ZipInfo) -> list:
@@ -441,11 +570,60 @@ def _working_dir(root: Path, relative: Optional[str]) -> Path:
     return candidate
 
 
-class _DownloadCache:
-    """Downloaded inputs kept by file id, so many jobs on one upload fetch it once.
+class _Sha256Writer:
+    """Writes through to a binary file, hashing what passes."""
 
-    Past `max_bytes` the least recently used files are deleted, except those in use by a job.
+    def __init__(self, out):
+        self._out = out
+        self._hash = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self._hash.update(data)
+        return self._out.write(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _download(url: str, out, *, token: Optional[str], sha256: Optional[str], halt: threading.Event) -> None:
+    """Copy `url` into the binary file `out`, whose content then matches `sha256` (if given).
+
+    Network errors, 5xx, 429 and a content that does not match are retried with backoff, up to
+    DOWNLOAD_ATTEMPTS downloads in all; any other refusal fails at once. `token` is the worker
+    token to send, None for a URL off the server's origin. JobSetupError when it fails for good
+    or `halt` is set while waiting.
     """
+    headers = {} if token is None else {"x-worker-token": token}
+    backoff = _Backoff()
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        out.seek(0)
+        out.truncate()
+        written = _Sha256Writer(out)
+        retry_after = None
+        try:
+            _request("GET", url, headers=headers, into=written)
+        except ServerUnavailable as err:
+            problem, retry_after = f"could not download {url}: {err}", err.retry_after
+        except Refused as err:
+            hint = "" if token is not None else " (not on the server's origin, so sent without the worker token)"
+            raise JobSetupError(f"could not download {url}{hint}: {err}") from None
+        else:
+            if sha256 is None or written.hexdigest() == sha256:
+                return
+            problem = f"the input's sha256 did not match: expected {sha256}, got {written.hexdigest()} from {url}"
+        if attempt == DOWNLOAD_ATTEMPTS or halt.wait(backoff.next(retry_after)):
+            raise JobSetupError(problem)
+
+
+class _DownloadCache:
+    """Downloaded inputs kept by the server's file id, so many jobs on one upload fetch it once.
+
+    A file enters the cache only once its download returned (and so was verified); a cached file
+    is trusted by its key alone. Past `max_bytes` the least recently used files are deleted,
+    except those in use by a job.
+    """
+
+    _KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # a file id that is safe as a file name
 
     def __init__(self, directory: Path, max_bytes: int = CACHE_MAX_BYTES):
         self._dir = directory
@@ -454,7 +632,8 @@ class _DownloadCache:
         self._locks = {}  # file id -> Lock, held while that file is downloaded or used
 
     def clean(self) -> None:
-        """Delete downloads an earlier run left half-done."""
+        """Create the cache directory; delete downloads an earlier run left half-done."""
+        self._dir.mkdir(exist_ok=True)
         for path in self._dir.glob("*.part"):
             path.unlink(missing_ok=True)
 
@@ -462,9 +641,10 @@ class _DownloadCache:
     def fetch(self, key: Optional[str], download: Callable):
         """Yield the path of file `key`, calling download(binary_file) first unless it is cached.
 
-        With `key` None the file is not cached: it is downloaded to a temporary path, deleted after.
+        With `key` None (or not a plain name) the file is not cached: it is downloaded to a
+        temporary path, deleted after.
         """
-        if key is None:
+        if key is None or not self._KEY.fullmatch(key):
             tmp = self._dir / f"{uuid.uuid4().hex}.part"
             try:
                 with open(tmp, "wb") as out:
@@ -513,7 +693,7 @@ class _DownloadCache:
                 lock.release()
 
 
-# === process trees ===========================================================
+# === Process trees: find and kill everything a job started ===
 
 
 def _marked_pids(prefix: str) -> set:
@@ -562,80 +742,6 @@ def _kill_marked(prefix: str) -> int:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return len(pids)
-
-
-class _JOBOBJECT_BASIC_LIMIT_INFORMATION(ctypes.Structure):
-    _fields_ = [
-        ("PerProcessUserTimeLimit", ctypes.c_int64),
-        ("PerJobUserTimeLimit", ctypes.c_int64),
-        ("LimitFlags", ctypes.c_uint32),
-        ("MinimumWorkingSetSize", ctypes.c_size_t),
-        ("MaximumWorkingSetSize", ctypes.c_size_t),
-        ("ActiveProcessLimit", ctypes.c_uint32),
-        ("Affinity", ctypes.c_size_t),
-        ("PriorityClass", ctypes.c_uint32),
-        ("SchedulingClass", ctypes.c_uint32),
-    ]
-
-
-class _JOBOBJECT_EXTENDED_LIMIT_INFORMATION(ctypes.Structure):
-    _fields_ = [
-        ("BasicLimitInformation", _JOBOBJECT_BASIC_LIMIT_INFORMATION),
-        ("IoInfo", ctypes.c_uint64 * 6),  # IO_COUNTERS
-        ("ProcessMemoryLimit", ctypes.c_size_t),
-        ("JobMemoryLimit", ctypes.c_size_t),
-        ("PeakProcessMemoryUsed", ctypes.c_size_t),
-        ("PeakJobMemoryUsed", ctypes.c_size_t),
-    ]
-
-
-_JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS = 9
-_JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel32():
-    k32 = ctypes.WinDLL("kernel32", use_last_error=True)
-    handle = ctypes.c_void_p
-    k32.CreateJobObjectW.restype = handle
-    k32.CreateJobObjectW.argtypes = (ctypes.c_void_p, ctypes.c_wchar_p)
-    k32.SetInformationJobObject.argtypes = (handle, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32)
-    k32.AssignProcessToJobObject.argtypes = (handle, handle)
-    k32.TerminateJobObject.argtypes = (handle, ctypes.c_uint32)
-    k32.CloseHandle.argtypes = (handle,)
-    k32.GlobalMemoryStatusEx.argtypes = (ctypes.c_void_p,)
-    return k32
-
-
-class _WindowsJob:
-    """A Windows Job Object holding one job's processes: terminating or closing it kills them all.
-
-    KILL_ON_JOB_CLOSE also kills them when the agent dies, so nothing is left behind for a restart.
-    """
-
-    def __init__(self, popen: subprocess.Popen):
-        k32 = _kernel32()
-        handle = k32.CreateJobObjectW(None, None)
-        if not handle:
-            raise ctypes.WinError(ctypes.get_last_error())
-        info = _JOBOBJECT_EXTENDED_LIMIT_INFORMATION()
-        info.BasicLimitInformation.LimitFlags = _JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
-        ok = k32.SetInformationJobObject(
-            handle, _JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS, ctypes.byref(info), ctypes.sizeof(info)
-        )
-        # Popen has no public handle. A child the command starts before this line is not in the
-        # job; taskkill /T is the fallback that still reaches it while its parent lives.
-        if not ok or not k32.AssignProcessToJobObject(handle, int(popen._handle)):
-            error = ctypes.WinError(ctypes.get_last_error())
-            k32.CloseHandle(handle)
-            raise error
-        self._handle = handle
-
-    def terminate(self) -> bool:
-        k32 = _kernel32()
-        ok = bool(k32.TerminateJobObject(self._handle, 1))
-        k32.CloseHandle(self._handle)
-        return ok
 
 
 class _ProcessTree:
@@ -701,7 +807,7 @@ class _ProcessTree:
             os.killpg(self._popen.pid, sig)
 
 
-# === run_job =================================================================
+# === run_job: one command, its output, its timeout ===
 
 
 @dataclasses.dataclass(frozen=True)
@@ -712,7 +818,7 @@ class JobResult:
     stdout: str = ""
     stderr: str = ""
     error: Optional[str] = None
-    duration: float = 0.0
+    duration: Optional[float] = None  # seconds the command ran; None if it never started
 
 
 def _trim(text: str, limit: int) -> str:
@@ -933,64 +1039,7 @@ def run_job(command: str, cwd: Path, *, env: dict, marker: str, timeout: float, 
     return JobResult(exit_code, stdout, stderr, error, time.monotonic() - started)
 
 
-# === Agent ===================================================================
-
-
-@dataclasses.dataclass(frozen=True)
-class _Job:
-    job_id: str
-    command: str
-    file_url: Optional[str]
-    working_directory: Optional[str]
-    timeout: float
-    attempt: int
-
-    @classmethod
-    def from_api(cls, data) -> "_Job":
-        """Read get-job's `job` object; ServerUnavailable if it is not usable."""
-        try:
-            job_id, command = data["jobId"], data["command"]
-            if not isinstance(job_id, str) or not isinstance(command, str):
-                raise TypeError("jobId and command must be strings")
-            timeout = float(data.get("timeout") or DEFAULT_JOB_TIMEOUT_SECONDS)
-            return cls(job_id, command, data.get("fileUrl"), data.get("workingDirectory"), timeout,
-                       int(data.get("attempt") or 1))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ServerUnavailable(f"get-job answered with an unusable job ({err})") from None
-
-    @property
-    def key(self) -> str:
-        """A file-name-safe name for this attempt: its job directory and spool file."""
-        return f"{re.sub(r'[^A-Za-z0-9_-]', '_', self.job_id)[:100]}.{self.attempt}"
-
-
-class _MEMORYSTATUSEX(ctypes.Structure):
-    _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32)] + [
-        (name, ctypes.c_uint64)
-        for name in (
-            "ullTotalPhys",
-            "ullAvailPhys",
-            "ullTotalPageFile",
-            "ullAvailPageFile",
-            "ullTotalVirtual",
-            "ullAvailVirtual",
-            "ullAvailExtendedVirtual",
-        )
-    ]
-
-
-def _total_memory_mb() -> Optional[int]:
-    """This computer's RAM in MiB, or None where the platform does not say."""
-    if _WINDOWS:
-        status = _MEMORYSTATUSEX()
-        status.dwLength = ctypes.sizeof(status)
-        if _kernel32().GlobalMemoryStatusEx(ctypes.byref(status)):
-            return status.ullTotalPhys // 2**20
-        return None
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
-    except (ValueError, OSError, AttributeError):
-        return None
+# === Server link: worker token, registration, heartbeats ===
 
 
 def _write_private(path: Path, text: str, *, sync: bool = True) -> None:
@@ -1008,331 +1057,41 @@ def _write_private(path: Path, text: str, *, sync: bool = True) -> None:
     os.replace(tmp, path)
 
 
-def _lock_work_dir(work_dir: Path):
-    """Hold <work dir>/agent.lock for the life of the process: one agent per work dir."""
-    lock = open(work_dir / "agent.lock", "a+")
-    try:
-        if _WINDOWS:
-            import msvcrt
+class _ServerLink:
+    """This agent's standing with the server: the worker token (saved in the work dir, reused by
+    the next run), registration, requests made with the token, and heartbeats.
 
-            lock.seek(0)
-            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
-        else:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise AgentError(f"another agent is already using {work_dir}; give each agent its own --work-dir") from None
-    return lock
-
-
-class Agent:
-    """One worker: registration, heartbeats, job slots and the result spool.
-
-    run_forever() runs `concurrency` slot threads, each calling poll_once() in a loop, and a
-    heartbeat thread. A test can call prepare() and then drive poll_once(now=...) itself.
+    Every heartbeat sends what `heartbeat_body()` returns at that moment.
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, token_path: Path, heartbeat_body: Callable[[], dict]):
         self.config = config
-        self._work_dir = config.work_dir
-        self._jobs_dir = config.work_dir / "jobs"
-        self._spool_dir = config.work_dir / "results"
-        self._token_path = config.work_dir / "worker.json"
-        self._cache = _DownloadCache(config.work_dir / "cache")
-        # The marker ties job processes to this work dir, so a restarted agent finds its leftovers.
-        self._marker_prefix = hashlib.sha256(str(config.work_dir.resolve()).encode()).hexdigest()[:16] + "/"
+        self._token_path = token_path
+        self._heartbeat_body = heartbeat_body
         self._token = None
-        self._lock = threading.Lock()  # guards the fields below
-        self._running = {}  # job key -> job id, until its result was sent or spooled
-        self._unsent = {}  # job key -> job id of a spooled result the server has not taken yet
-        self._jobs_completed = 0
-        self._retry_at = 0.0  # no slot asks the server anything before this (monotonic) time
-        self._backoff = _Backoff()
-        self._register_lock = threading.Lock()
+        self._register_lock = threading.Lock()  # one registration at a time; guards replacing the token
         self._announce_lock = threading.Lock()
-        self._announced = False
-        self._spool_lock = threading.Lock()
-        # request_stop() runs in a signal handler, so it only counts; run_forever() turns the count
-        # into the events (Event.set() in a handler can deadlock with a wait on the same event).
-        self._stop_requests = 0
-        self._draining = threading.Event()  # first stop: no new jobs
-        self._halt = threading.Event()  # second stop: kill running jobs
-        self._stopped = threading.Event()
-        self._work_dir_lock = None
+        self._announced = False  # a heartbeat of this run went through
 
-    # --- start and stop ---------------------------------------------------
+    @property
+    def token(self) -> Optional[str]:
+        """The worker token, or None while not registered."""
+        return self._token
 
-    def prepare(self) -> None:
-        """Set up the work dir: lock it, kill what an earlier run left, load the saved worker token."""
-        self._work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # other users have no business here
-        for directory in (self._jobs_dir, self._spool_dir, self._work_dir / "cache"):
-            directory.mkdir(exist_ok=True)
-        self._work_dir_lock = _lock_work_dir(self._work_dir)
-        killed = _kill_marked(self._marker_prefix)
-        if killed:
-            log.info("killed %d process(es) left behind by an earlier run of this agent", killed)
-        for leftover in self._jobs_dir.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        self._cache.clean()
-        for path in self._spool_dir.glob("*.json"):
-            self._unsent[path.stem] = None  # an unreadable one is still there to be dropped
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                self._unsent[path.stem] = json.loads(path.read_text(encoding="utf-8")).get("jobId")
-        self._token = self._load_token()
-
-    def close(self) -> None:
-        """Release the work dir (run_forever does this when it returns)."""
-        if self._work_dir_lock is not None:
-            self._work_dir_lock.close()
-            self._work_dir_lock = None
-
-    def request_stop(self) -> None:
-        """First call: take no new jobs, let running ones finish. Second: kill running jobs too.
-
-        Safe in a signal handler: it only counts the calls.
-        """
-        self._stop_requests += 1
-
-    def run_forever(self) -> None:
-        """Take and run jobs until request_stop(); return once stopped (see request_stop)."""
-        self.prepare()
-        cfg = self.config
-        log.info(
-            "dispatch agent %s: worker %s, server %s, %d slot(s), tags %s, work dir %s",
-            __version__, cfg.worker_id, cfg.server, cfg.concurrency, ",".join(cfg.tags) or "-", cfg.work_dir,
-        )
-        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
-        for n in range(cfg.concurrency):
-            # Daemon threads: a slot parked in a long-poll must not keep a stopping agent alive.
-            threading.Thread(target=self._slot_loop, name=f"slot-{n + 1}", daemon=True).start()
+    def load_token(self) -> None:
+        """Take up the token an earlier run saved for this server and worker id, if there is one."""
         try:
-            while not self._stop_requests:
-                time.sleep(STOP_CHECK_SECONDS)
-            self._draining.set()
-            running = self._busy()
-            log.info("stopping: no new jobs%s",
-                     f"; {running} running job(s) will finish (stop again to kill them)" if running else "")
-            while self._busy() and self._stop_requests < 2:
-                time.sleep(STOP_CHECK_SECONDS)
-            if self._stop_requests >= 2:
-                self._halt.set()
-                log.info("stopping now: killing %d running job(s)", self._busy())
-                deadline = time.monotonic() + STOP_GRACE_SECONDS
-                while self._busy() and time.monotonic() < deadline:
-                    time.sleep(STEP_SECONDS)
-            # A slot still parked in a long-poll is abandoned here: its connection closes with the
-            # process, and the server must not hand a job to a closed connection.
-            self._deliver_spool(wait=True)
-        except AgentError as err:
-            log.warning("%d result(s) stay in %s and are sent at the next start (%s)",
-                        len(list(self._spool_dir.glob("*.json"))), self._spool_dir, err)
-        finally:
-            self._stopped.set()
-            self.close()
-        log.info("stopped")
-
-    def _busy(self) -> int:
-        with self._lock:
-            return len(self._running)
-
-    # --- the job loop -----------------------------------------------------
-
-    def _slot_loop(self) -> None:
-        while True:
-            try:
-                delay = self.poll_once()
-            except Exception:  # a bug must not silently cost this computer a job slot
-                log.exception("unexpected error in a job slot; it carries on in %.0f s", BACKOFF_CAP_SECONDS)
-                delay = BACKOFF_CAP_SECONDS
-            if delay is None:
-                return
-            if delay:
-                self._draining.wait(delay)
-
-    def poll_once(self, now: Optional[float] = None) -> Optional[float]:
-        """One step of a free job slot: register if needed, resend spooled results, then ask for
-        a job (long-poll) and run it to the end.
-
-        Returns how many seconds to wait before the next step (0 for at once), or None once the
-        agent is stopping. `now` is a time.monotonic() value.
-        """
-        if self._stop_requests:
-            return None
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            if now < self._retry_at:
-                return self._retry_at - now
-        try:
-            self._ensure_registered()
-            self._announce_held_jobs()
-            self._deliver_spool()
-            asked = time.monotonic()
-            job = self._get_job()
-        except AgentError as err:
-            with self._lock:
-                self._retry_at = max(self._retry_at, now + self._backoff.next(getattr(err, "retry_after", None)))
-                delay = self._retry_at - now
-            log.warning("%s; retrying in %.1f s", err, delay)
-            return delay
-        with self._lock:
-            self._backoff.reset()
-        if job is None:
-            return max(0.0, POLL_FLOOR_SECONDS - (time.monotonic() - asked))
-        self._run(job)
-        return 0.0
-
-    def _get_job(self) -> Optional[_Job]:
-        status, data = self._worker_request(
-            "GET", f"/api/jobs/get-job?wait={POLL_WAIT_SECONDS}", timeout=POLL_WAIT_SECONDS + HTTP_TIMEOUT_SECONDS
-        )
-        if status == 204 or not isinstance(data, dict) or not data.get("job"):
-            return None
-        return _Job.from_api(data["job"])
-
-    def _run(self, job: _Job) -> None:
-        """Run a job the server gave us, then spool its result and try to send it."""
-        with self._lock:
-            self._running[job.key] = job.job_id
-        log.info("job %s started (attempt %d): %r", job.job_id, job.attempt, job.command[:200])
-        try:
-            try:
-                result = self._execute(job)
-            except JobLost as err:
-                log.warning("job %s is no longer ours (%s): killed it, no result sent", job.job_id, err)
-                shutil.rmtree(self._jobs_dir / job.key, ignore_errors=True)
-                return
-            log.info(
-                "job %s finished: exit code %d in %.1f s%s",
-                job.job_id, result.exit_code, result.duration, f" ({result.error})" if result.error else "",
-            )
-            body = {
-                "jobId": job.job_id,
-                "workerId": self.config.worker_id,
-                "exitCode": result.exit_code,
-                "stdout": result.stdout,
-                "stderr": result.stderr,
-                "attempt": job.attempt,
-            }
-            if result.error:
-                body["error"] = result.error
-            # On disk first: the result survives a server outage and an agent restart. No fsync: it
-            # costs more than the job itself for a short one, and a power cut loses the job anyway.
-            _write_private(self._spool_dir / f"{job.key}.json", json.dumps(body), sync=False)
-            with self._lock:
-                self._unsent[job.key] = job.job_id
-                self._jobs_completed += 1
-            try:
-                self._deliver_spool()
-            except AgentError as err:
-                log.warning("result of job %s kept on disk, will retry: %s", job.job_id, err)
-        finally:
-            with self._lock:
-                del self._running[job.key]
-
-    def _execute(self, job: _Job) -> JobResult:
-        job_dir = self._jobs_dir / job.key
-        shutil.rmtree(job_dir, ignore_errors=True)
-        try:
-            job_dir.mkdir(parents=True)
-            self._fetch_input(job, job_dir)
-            cwd = _working_dir(job_dir, job.working_directory)
-        except (JobSetupError, OSError) as err:  # OSError: e.g. a full disk
-            return JobResult(EXIT_SETUP_FAILED, stderr=f"dispatch-agent: {err}\n", error=str(err))
-        marker = f"{self._marker_prefix}{job.key}/"
-        env = dict(os.environ)
-        env.pop("DISPATCH_REGISTRATION_TOKEN", None)  # a job must not be able to register workers
-        env.update(DISPATCH_JOB_ID=job.job_id, DISPATCH_WORKER_ID=self.config.worker_id, **{MARKER_ENV: marker})
-        try:
-            return run_job(
-                job.command,
-                cwd,
-                env=env,
-                marker=marker,
-                timeout=job.timeout,
-                send_output=functools.partial(self._send_output, job),
-                halt=self._halt,
-            )
-        except OSError as err:  # the shell itself could not start
-            error = f"could not start the command: {err}"
-            return JobResult(EXIT_SETUP_FAILED, stderr=f"dispatch-agent: {error}\n", error=error)
-
-    def _fetch_input(self, job: _Job, job_dir: Path) -> None:
-        if not job.file_url:
+            saved = json.loads(self._token_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             return
-        url = urllib.parse.urljoin(self.config.server + "/", job.file_url)
-        same_origin = _origin(url) == _origin(self.config.server)
-        # The worker token goes only to the dispatch server itself, never to another host.
-        headers = {"x-worker-token": self._token or ""} if same_origin else {}
-        match = re.fullmatch(r"/uploads/([A-Za-z0-9_-][A-Za-z0-9._-]{0,127})/[^/]+", urllib.parse.urlsplit(url).path)
-        key = match.group(1) if same_origin and match else None
+        if (isinstance(saved, dict) and saved.get("server") == self.config.server
+                and saved.get("workerId") == self.config.worker_id):
+            log.info("using the saved worker token for %s", self.config.worker_id)
+            self._token = saved.get("token")
 
-        def download(out) -> None:
-            backoff = _Backoff()
-            for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-                out.seek(0)
-                out.truncate()
-                try:
-                    _request("GET", url, headers=headers, into=out)
-                    return
-                except ServerUnavailable as err:
-                    if attempt == DOWNLOAD_ATTEMPTS or self._halt.wait(backoff.next(err.retry_after)):
-                        raise JobSetupError(f"could not download {url}: {err}") from None
-                except Refused as err:
-                    hint = "" if same_origin else " (not on the server's origin, so sent without the worker token)"
-                    raise JobSetupError(f"could not download {url}{hint}: {err}") from None
-
-        with self._cache.fetch(key, download) as path:
-            _place_input(path, _input_name(url), job_dir)
-
-    def _send_output(self, job: _Job, stream: str, text: str) -> None:
-        body = {"jobId": job.job_id, "data": text, "type": stream, "attempt": job.attempt}
-        try:
-            self._worker_request("POST", "/api/jobs/stream-output", body)
-        except Refused as err:
-            if err.status == 409:
-                raise JobLost(err.message) from None
-            if err.status == 401:
-                raise ServerUnavailable("the worker token was refused") from None
-            raise
-
-    def _deliver_spool(self, wait: bool = False) -> None:
-        """Send every spooled result; an acknowledged or refused one is deleted with its job dir.
-
-        Raises ServerUnavailable (or Refused 401) when the server cannot take them yet. Without
-        `wait`, returns at once if another thread is already at it.
-        """
-        with self._lock:
-            if not self._unsent:  # the spool's contents, kept in memory: no directory scan per poll
-                return
-        if not self._spool_lock.acquire(blocking=wait):
-            return
-        try:
-            for path in sorted(self._spool_dir.glob("*.json")):
-                try:
-                    body = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, ValueError) as err:
-                    log.warning("dropping unreadable spooled result %s: %s", path.name, err)
-                else:
-                    try:
-                        self._worker_request("POST", "/api/jobs/submit-result", body)
-                        log.info("result of job %s delivered", body.get("jobId"))
-                    except Refused as err:
-                        if err.status == 401:
-                            raise
-                        log.warning("the server refused the result of job %s (%s); dropped it", body.get("jobId"), err)
-                path.unlink(missing_ok=True)
-                shutil.rmtree(self._jobs_dir / path.stem, ignore_errors=True)
-                with self._lock:
-                    self._unsent.pop(path.stem, None)
-        finally:
-            self._spool_lock.release()
-
-    # --- registration and heartbeats --------------------------------------
-
-    def _worker_request(self, method: str, path: str, body=None, timeout=HTTP_TIMEOUT_SECONDS):
-        """_request() with the worker token; a refused token is forgotten, so the agent registers again."""
+    def request(self, method: str, path: str, body=None, timeout=HTTP_TIMEOUT_SECONDS) -> tuple:
+        """_request() to the server with the worker token; a refused token is forgotten, so the
+        agent registers again. ServerUnavailable while not registered."""
         token = self._token
         if token is None:
             raise ServerUnavailable("not registered yet")
@@ -1347,17 +1106,8 @@ class Agent:
                         log.warning("the server refused the worker token; registering again")
             raise
 
-    def _load_token(self) -> Optional[str]:
-        try:
-            saved = json.loads(self._token_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if saved.get("server") == self.config.server and saved.get("workerId") == self.config.worker_id:
-            log.info("using the saved worker token for %s", self.config.worker_id)
-            return saved.get("token")
-        return None
-
-    def _ensure_registered(self) -> None:
+    def ensure_registered(self) -> None:
+        """Register this worker unless a token is at hand, and save the token for the next run."""
         with self._register_lock:
             if self._token is not None:
                 return
@@ -1395,40 +1145,29 @@ class Agent:
             self._token = token
             log.info("registered as worker %s on %s", cfg.worker_id, cfg.server)
 
-    def _heartbeat_body(self, with_held_jobs: bool = False) -> dict:
-        with self._lock:
-            running = list(self._running.values())
-            body = {
-                "workerId": self.config.worker_id,
-                "status": "busy" if running else "idle",
-                "currentJobId": running[0] if running else None,
-                "jobsCompleted": self._jobs_completed,
-            }
-            if with_held_jobs:
-                body["runningJobs"] = sorted(set(running) | {job_id for job_id in self._unsent.values() if job_id})
-            return body
+    def heartbeat(self) -> Optional[dict]:
+        """Send one heartbeat, registering first if needed; the server's answer."""
+        self.ensure_registered()
+        _, data = self.request("POST", "/api/workers/heartbeat", self._heartbeat_body())
+        self._announced = True
+        return data
 
-    def _announce_held_jobs(self) -> None:
-        """Once per run, before any slot asks for work: tell the server every job we hold (those
-        whose result waits in the spool), so it gives back the others an earlier run lost.
-
-        Later heartbeats leave the list out: a job claimed while one is on its way would be
-        missing from it, and the server would take that job back.
-        """
+    def announce(self) -> None:
+        """Make sure a heartbeat of this run went through: before a slot's first get-job, so the
+        server gives back at once the jobs an earlier run held and this one does not."""
         with self._announce_lock:
             if not self._announced:
-                self._worker_request("POST", "/api/workers/heartbeat", self._heartbeat_body(with_held_jobs=True))
-                self._announced = True
+                self.heartbeat()
 
-    def _heartbeat_loop(self) -> None:
+    def heartbeat_loop(self, stopped: threading.Event) -> None:
+        """Send heartbeats as often as the server's nextCheckIn asks until `stopped` is set; back
+        off (never beyond that interval) while they fail."""
         interval = HEARTBEAT_DEFAULT_SECONDS
         backoff = _Backoff()
         delay = 0.0
-        while not self._stopped.wait(delay):
+        while not stopped.wait(delay):
             try:
-                # Register from here too: with every slot busy, no slot would.
-                self._ensure_registered()
-                _, data = self._worker_request("POST", "/api/workers/heartbeat", self._heartbeat_body())
+                data = self.heartbeat()  # registers too: with every slot busy, no slot would
             except AgentError as err:
                 if not backoff.failures:
                     log.warning("heartbeat failed: %s", err)
@@ -1442,7 +1181,428 @@ class Agent:
             delay = interval
 
 
-# === main ====================================================================
+# === Spool: results waiting for the server ===
+
+
+class _ResultSpool:
+    """Results of finished jobs, kept on disk until the server takes them: they survive a server
+    outage and an agent restart. A delivered (or refused) result is deleted with its job directory.
+
+    What it holds is mirrored in memory, so asking costs no directory scan.
+    """
+
+    def __init__(self, directory: Path, jobs_dir: Path, submit: Callable[[dict], object]):
+        self.directory = directory
+        self._jobs_dir = jobs_dir
+        self._submit = submit  # sends one submit-result body; raises AgentError if not taken
+        self._lock = threading.Lock()  # guards _unsent
+        self._unsent = {}  # job key -> job id (None for an unreadable file)
+        self._delivering = threading.Lock()
+
+    def load(self) -> None:
+        """Create the spool directory and take up the results an earlier run left in it."""
+        self.directory.mkdir(exist_ok=True)
+        for path in self.directory.glob("*.json"):
+            try:
+                job_id = json.loads(path.read_text(encoding="utf-8")).get("jobId")
+            except (OSError, ValueError, AttributeError):
+                job_id = None  # still listed, so that deliver() drops it
+            with self._lock:
+                self._unsent[path.stem] = job_id if isinstance(job_id, str) else None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._unsent)
+
+    def job_ids(self) -> set:
+        """The ids of the jobs whose result waits here."""
+        with self._lock:
+            return {job_id for job_id in self._unsent.values() if job_id}
+
+    def add(self, key: str, body: dict) -> None:
+        """Keep a submit-result body (JSON-serialisable) under its job's key."""
+        # No fsync: it costs more than the job itself for a short one, and a power cut loses the
+        # job anyway.
+        _write_private(self.directory / f"{key}.json", json.dumps(body), sync=False)
+        with self._lock:
+            self._unsent[key] = body["jobId"]
+
+    def deliver(self, wait: bool = False) -> None:
+        """Send every result held; an acknowledged or refused one is deleted with its job dir.
+
+        Raises ServerUnavailable (or Refused 401) when the server cannot take them yet. Without
+        `wait`, returns at once if another thread is already at it.
+        """
+        if not len(self):
+            return
+        if not self._delivering.acquire(blocking=wait):
+            return
+        try:
+            for path in sorted(self.directory.glob("*.json")):
+                try:
+                    body = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError) as err:
+                    log.warning("dropping unreadable spooled result %s: %s", path.name, err)
+                else:
+                    try:
+                        self._submit(body)
+                        log.info("result of job %s delivered", body.get("jobId"))
+                    except Refused as err:
+                        if err.status == 401:
+                            raise
+                        log.warning("the server refused the result of job %s (%s); dropped it", body.get("jobId"), err)
+                path.unlink(missing_ok=True)
+                shutil.rmtree(self._jobs_dir / path.stem, ignore_errors=True)
+                with self._lock:
+                    self._unsent.pop(path.stem, None)
+        finally:
+            self._delivering.release()
+
+
+# === Agent: job slots, the lease, stopping ===
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One attempt at a job, as get-job hands it over."""
+
+    job_id: str
+    command: str
+    file_url: Optional[str]
+    file_id: Optional[str]  # the server's name for the input: the download cache's key
+    sha256: Optional[str]  # of the input file, lowercase hex
+    working_directory: Optional[str]
+    timeout: float
+    attempt: int
+
+    @classmethod
+    def from_api(cls, data) -> "_Job":
+        """Read get-job's `job` object; ServerUnavailable if it is not usable."""
+        try:
+            job_id, command = data["jobId"], data["command"]
+            file_id, sha256 = data.get("fileId"), data.get("sha256")
+            if not isinstance(job_id, str) or not isinstance(command, str):
+                raise TypeError("jobId and command must be strings")
+            if not isinstance(file_id, (str, type(None))) or not isinstance(sha256, (str, type(None))):
+                raise TypeError("fileId and sha256 must be strings or null")
+            return cls(
+                job_id=job_id,
+                command=command,
+                file_url=data.get("fileUrl"),
+                file_id=file_id,
+                sha256=sha256.lower() if sha256 else None,
+                working_directory=data.get("workingDirectory"),
+                timeout=float(data.get("timeout") or DEFAULT_JOB_TIMEOUT_SECONDS),
+                attempt=int(data.get("attempt") or 1),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ServerUnavailable(f"get-job answered with an unusable job ({err})") from None
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe name for this attempt: its job directory and spool file."""
+        return f"{re.sub(r'[^A-Za-z0-9_-]', '_', self.job_id)[:100]}.{self.attempt}"
+
+
+def _setup_failure(error: str) -> JobResult:
+    """The result of a job that failed before its command could run."""
+    return JobResult(EXIT_SETUP_FAILED, stderr=f"dispatch-agent: {error}\n", error=error)
+
+
+class Agent:
+    """One worker: job slots that ask the server for jobs and run them, a heartbeat thread that
+    keeps this run's lease on them, and stopping in two steps.
+
+    run_forever() runs `concurrency` slot threads, each calling poll_once() in a loop, and a
+    heartbeat thread. A test can call prepare() and then drive poll_once(now=...) and heartbeat()
+    itself.
+
+    The lease: each run has an id, and numbers its get-job requests. Every heartbeat lists the
+    jobs this run holds and `polled`, the number up to which every get-job answer is handled, so
+    the server can take back a job this run does not hold without mistaking one whose answer is
+    still on its way.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self._work_dir = config.work_dir
+        self._jobs_dir = config.work_dir / "jobs"
+        self._cache = _DownloadCache(config.work_dir / "cache")
+        self._link = _ServerLink(config, config.work_dir / "worker.json", self._heartbeat_body)
+        self._spool = _ResultSpool(config.work_dir / "results", self._jobs_dir,
+                                   functools.partial(self._link.request, "POST", "/api/jobs/submit-result"))
+        # The marker ties job processes to this work dir, so a restarted agent finds its leftovers.
+        self._marker_prefix = hashlib.sha256(str(config.work_dir.resolve()).encode()).hexdigest()[:16] + "/"
+        self._run_id = uuid.uuid4().hex
+        self._lock = threading.Lock()  # guards the fields below
+        self._running = {}  # job key -> job id, from its get-job answer until its result is spooled
+        self._polls_sent = 0  # get-job requests of this run so far; each carries its number
+        self._polls_open = set()  # numbers of get-job requests whose answer is not fully handled yet
+        self._jobs_completed = 0
+        self._retry_at = 0.0  # no slot asks the server anything before this (monotonic) time
+        self._backoff = _Backoff()
+        # request_stop() runs in a signal handler, so it only counts; run_forever() turns the count
+        # into the events (Event.set() in a handler can deadlock with a wait on the same event).
+        self._stop_requests = 0
+        self._draining = threading.Event()  # first stop: no new jobs
+        self._halt = threading.Event()  # second stop: kill running jobs
+        self._stopped = threading.Event()
+        self._work_dir_lock = None
+
+    # --- start and stop ---------------------------------------------------
+
+    def prepare(self) -> None:
+        """Set up the work dir: lock it, kill what an earlier run left, load the saved worker token
+        and the results still waiting for the server."""
+        self._work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # other users have no business here
+        self._work_dir_lock = _lock_work_dir(self._work_dir)
+        killed = _kill_marked(self._marker_prefix)
+        if killed:
+            log.info("killed %d process(es) left behind by an earlier run of this agent", killed)
+        shutil.rmtree(self._jobs_dir, ignore_errors=True)
+        self._jobs_dir.mkdir(exist_ok=True)  # exist_ok: a leftover that could not be deleted
+        self._cache.clean()
+        self._spool.load()
+        self._link.load_token()
+
+    def close(self) -> None:
+        """Release the work dir (run_forever does this when it returns)."""
+        if self._work_dir_lock is not None:
+            self._work_dir_lock.close()
+            self._work_dir_lock = None
+
+    def request_stop(self) -> None:
+        """First call: take no new jobs, let running ones finish. Second: kill running jobs too.
+
+        Safe in a signal handler: it only counts the calls.
+        """
+        self._stop_requests += 1
+
+    def run_forever(self) -> None:
+        """Take and run jobs until request_stop(); return once stopped (see request_stop)."""
+        self.prepare()
+        cfg = self.config
+        log.info(
+            "dispatch agent %s: worker %s, server %s, %d slot(s), tags %s, work dir %s",
+            __version__, cfg.worker_id, cfg.server, cfg.concurrency, ",".join(cfg.tags) or "-", cfg.work_dir,
+        )
+        threading.Thread(target=self._link.heartbeat_loop, args=(self._stopped,), name="heartbeat",
+                         daemon=True).start()
+        for n in range(cfg.concurrency):
+            # Daemon threads: a slot parked in a long-poll must not keep a stopping agent alive.
+            threading.Thread(target=self._slot_loop, name=f"slot-{n + 1}", daemon=True).start()
+        try:
+            while not self._stop_requests:
+                time.sleep(STOP_CHECK_SECONDS)
+            self._draining.set()
+            running = self._busy()
+            log.info("stopping: no new jobs%s",
+                     f"; {running} running job(s) will finish (stop again to kill them)" if running else "")
+            while self._busy() and self._stop_requests < 2:
+                time.sleep(STOP_CHECK_SECONDS)
+            if self._stop_requests >= 2:
+                self._halt.set()
+                log.info("stopping now: killing %d running job(s)", self._busy())
+                deadline = time.monotonic() + STOP_GRACE_SECONDS
+                while self._busy() and time.monotonic() < deadline:
+                    time.sleep(STEP_SECONDS)
+            # A slot still parked in a long-poll is abandoned here: its connection closes with the
+            # process, and the server must not hand a job to a closed connection.
+            self._spool.deliver(wait=True)
+        except AgentError as err:
+            log.warning("%d result(s) stay in %s and are sent at the next start (%s)",
+                        len(self._spool), self._spool.directory, err)
+        finally:
+            self._stopped.set()
+            self.close()
+        log.info("stopped")
+
+    def _busy(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    # --- the lease --------------------------------------------------------
+
+    def heartbeat(self) -> Optional[dict]:
+        """Send one heartbeat now, registering first if needed; the server's answer.
+
+        The heartbeat thread does this every nextCheckIn; a test can call it between steps.
+        """
+        return self._link.heartbeat()
+
+    def _heartbeat_body(self) -> dict:
+        with self._lock:
+            running = list(self._running.values())
+            # Read under the same lock as _running: a job leaves _running only once it is spooled.
+            held = set(running) | self._spool.job_ids()
+            polled = min(self._polls_open) - 1 if self._polls_open else self._polls_sent
+            return {
+                "workerId": self.config.worker_id,
+                "status": "busy" if running else "idle",
+                "currentJobId": running[0] if running else None,
+                "jobsCompleted": self._jobs_completed,
+                "runningJobs": sorted(held),
+                "run": self._run_id,
+                "polled": polled,
+            }
+
+    def _claim_job(self) -> Optional[_Job]:
+        """Ask the server for a job (long-poll); a job it gives is in _running before the request
+        counts as handled, so no heartbeat says "all answered" without listing it."""
+        with self._lock:
+            self._polls_sent += 1
+            poll = self._polls_sent
+            self._polls_open.add(poll)
+        job = None
+        try:
+            status, data = self._link.request(
+                "GET", f"/api/jobs/get-job?wait={POLL_WAIT_SECONDS}&run={self._run_id}&poll={poll}",
+                timeout=POLL_WAIT_SECONDS + HTTP_TIMEOUT_SECONDS,
+            )
+            if status != 204 and isinstance(data, dict) and data.get("job"):
+                job = _Job.from_api(data["job"])
+        finally:
+            with self._lock:
+                if job is not None:
+                    self._running[job.key] = job.job_id
+                self._polls_open.discard(poll)
+        return job
+
+    # --- the job slots ----------------------------------------------------
+
+    def _slot_loop(self) -> None:
+        while True:
+            try:
+                delay = self.poll_once()
+            except Exception:  # a bug must not silently cost this computer a job slot
+                log.exception("unexpected error in a job slot; it carries on in %.0f s", BACKOFF_CAP_SECONDS)
+                delay = BACKOFF_CAP_SECONDS
+            if delay is None:
+                return
+            if delay:
+                self._draining.wait(delay)
+
+    def poll_once(self, now: Optional[float] = None) -> Optional[float]:
+        """One step of a free job slot: register if needed, announce this run, resend spooled
+        results, then ask for a job (long-poll) and run it to the end.
+
+        Returns how many seconds to wait before the next step (0 for at once), or None once the
+        agent is stopping. `now` is a time.monotonic() value.
+        """
+        if self._stop_requests:
+            return None
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if now < self._retry_at:
+                return self._retry_at - now
+        try:
+            self._link.ensure_registered()
+            self._link.announce()
+            self._spool.deliver()
+            asked = time.monotonic()
+            job = self._claim_job()
+        except AgentError as err:
+            with self._lock:
+                self._retry_at = max(self._retry_at, now + self._backoff.next(getattr(err, "retry_after", None)))
+                delay = self._retry_at - now
+            log.warning("%s; retrying in %.1f s", err, delay)
+            return delay
+        with self._lock:
+            self._backoff.reset()
+        if job is None:
+            return max(0.0, POLL_FLOOR_SECONDS - (time.monotonic() - asked))
+        self._run(job)
+        return 0.0
+
+    def _run(self, job: _Job) -> None:
+        """Run a job the server gave us (listed in _running), then spool its result and try to send it."""
+        log.info("job %s started (attempt %d): %r", job.job_id, job.attempt, job.command[:200])
+        try:
+            try:
+                result = self._execute(job)
+            except JobLost as err:
+                log.warning("job %s is no longer ours (%s): killed it, no result sent", job.job_id, err)
+                shutil.rmtree(self._jobs_dir / job.key, ignore_errors=True)
+                return
+            log.info(
+                "job %s finished: exit code %d%s%s",
+                job.job_id, result.exit_code, "" if result.duration is None else f" in {result.duration:.1f} s",
+                f" ({result.error})" if result.error else "",
+            )
+            body = {
+                "jobId": job.job_id,
+                "workerId": self.config.worker_id,
+                "exitCode": result.exit_code,
+                "stdout": result.stdout,
+                "stderr": result.stderr,
+                "attempt": job.attempt,
+            }
+            if result.error:
+                body["error"] = result.error
+            if result.duration is not None:
+                body["runningFor"] = round(result.duration, 3)
+            self._spool.add(job.key, body)  # on disk first: it survives a server outage and a restart
+            with self._lock:
+                self._jobs_completed += 1
+            try:
+                self._spool.deliver()
+            except AgentError as err:
+                log.warning("result of job %s kept on disk, will retry: %s", job.job_id, err)
+        finally:
+            with self._lock:
+                del self._running[job.key]
+
+    def _execute(self, job: _Job) -> JobResult:
+        job_dir = self._jobs_dir / job.key
+        shutil.rmtree(job_dir, ignore_errors=True)
+        try:
+            job_dir.mkdir(parents=True)
+            self._fetch_input(job, job_dir)
+            cwd = _working_dir(job_dir, job.working_directory)
+        except (JobSetupError, OSError) as err:  # OSError: e.g. a full disk
+            return _setup_failure(str(err))
+        marker = f"{self._marker_prefix}{job.key}/"
+        env = dict(os.environ)
+        env.pop("DISPATCH_REGISTRATION_TOKEN", None)  # a job must not be able to register workers
+        env.update(DISPATCH_JOB_ID=job.job_id, DISPATCH_WORKER_ID=self.config.worker_id, **{MARKER_ENV: marker})
+        started = time.monotonic()
+        try:
+            return run_job(
+                job.command,
+                cwd,
+                env=env,
+                marker=marker,
+                timeout=job.timeout,
+                send_output=functools.partial(self._send_output, job, started),
+                halt=self._halt,
+            )
+        except OSError as err:  # the shell itself could not start
+            return _setup_failure(f"could not start the command: {err}")
+
+    def _fetch_input(self, job: _Job, job_dir: Path) -> None:
+        if not job.file_url:
+            return
+        url = urllib.parse.urljoin(self.config.server + "/", job.file_url)
+        # The worker token goes only to the dispatch server itself, never to another host.
+        token = (self._link.token or "") if _origin(url) == _origin(self.config.server) else None
+        download = functools.partial(_download, url, token=token, sha256=job.sha256, halt=self._halt)
+        with self._cache.fetch(job.file_id, download) as path:
+            _place_input(path, _input_name(url), job_dir)
+
+    def _send_output(self, job: _Job, started: float, stream: str, text: str) -> None:
+        body = {"jobId": job.job_id, "data": text, "type": stream, "attempt": job.attempt,
+                "runningFor": round(time.monotonic() - started, 3)}
+        try:
+            self._link.request("POST", "/api/jobs/stream-output", body)
+        except Refused as err:
+            if err.status == 409:
+                raise JobLost(err.message) from None
+            if err.status == 401:
+                raise ServerUnavailable("the worker token was refused") from None
+            raise
+
+
+# === main ===
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -1453,16 +1613,22 @@ def main(argv: Optional[list] = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
     )
     agent = Agent(config)
-    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):  # SIGBREAK: Ctrl-Break on Windows
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), lambda signum, frame: agent.request_stop())
+    stop_signals = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name)]
+    for signum in stop_signals:  # SIGBREAK: Ctrl-Break on Windows
+        signal.signal(signum, lambda _signum, _frame: agent.request_stop())
     try:
         agent.run_forever()
     except AgentError as err:
         log.error("%s", err)
         return 1
+    finally:
+        # Python puts back the default handlers while it exits: a stop signal arriving then would
+        # turn a clean exit into death by that signal. Ignored handlers are left alone.
+        for signum in stop_signals:
+            signal.signal(signum, signal.SIG_IGN)
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

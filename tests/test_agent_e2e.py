@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 import zipfile
 from pathlib import Path
@@ -24,7 +25,8 @@ import pytest
 
 from conftest import REGISTRATION_TOKEN, ROOT, LiveApi, ServerProcess
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="jobs use /bin/sh and /proc")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="jobs use /bin/sh and /proc")]
 
 # --- fixtures: the processes -------------------------------------------------------------
 
@@ -150,6 +152,13 @@ def wait_gone(pids, within: float = 3) -> list:
 
 def pids_in(text: str, label: str) -> list:
     return [int(line.split()[1]) for line in text.splitlines() if line.startswith(label + " ")]
+
+
+def claim_as_worker(server_url: str, worker_token: str) -> dict | None:
+    """get-job with a worker's token and no run: a claim the agent itself never hears of."""
+    request = urllib.request.Request(f"{server_url}/api/jobs/get-job", headers={"x-worker-token": worker_token})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["job"] if response.status == 200 else None
 
 
 def iso_now() -> str:
@@ -354,6 +363,24 @@ def test_a_restarted_agent_kills_what_its_killed_predecessor_left_running(user, 
     # Its heartbeat's runningJobs does not list the lost attempt, so the server gives the job back.
     rerun = user.wait(job_id, until=lambda job: job["attempts"] == 2 and job["status"] == "running")
     assert rerun["workerId"] == "desk-1"
+
+
+def test_a_claim_whose_answer_never_reached_the_agent_goes_back_to_the_queue(server, user, start_agent, tmp_path):
+    go = tmp_path / "go"
+    agent = start_agent("desk-1")
+    busy = user.submit(f"while [ ! -e {go} ]; do sleep 0.05; done")  # keeps the agent's one slot from polling
+    user.wait(busy, until=lambda job: job["status"] == "running")
+    worker_token = json.loads((agent.work_dir / "worker.json").read_text())["token"]
+    lost = user.submit("echo once", maxAttempts=1)
+
+    assert claim_as_worker(server.url, worker_token)["jobId"] == lost
+
+    # Within three one-second heartbeats the agent's lease, which does not list it, gives it back.
+    user.wait(lost, until=lambda job: job["status"] == "queued", within=4)
+    go.touch()
+    job = user.wait(lost)
+    # maxAttempts=1: had the give-back counted as an attempt, the job would have failed instead.
+    assert (job["status"], job["workerId"], job["stdout"]) == ("completed", "desk-1", "once\n")
 
 
 def _outage_farm(tmp_path, server_env) -> tuple:

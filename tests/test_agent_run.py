@@ -3,15 +3,18 @@ server (backoff, Retry-After, registration, the token's origin, the result spool
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import io
 import json
 import os
+import re
 import socket
 import stat
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 import zipfile
 from pathlib import Path
@@ -162,6 +165,7 @@ def test_output_the_server_could_not_take_comes_back_bounded_with_the_result(tmp
     assert "characters dropped" in result.stdout
 
 
+@pytest.mark.slow
 @unix_only
 def test_a_job_printing_without_end_while_the_server_is_down_waits_instead_of_filling_memory(tmp_path):
     sink = Sink(fail=agent.ServerUnavailable("down"))
@@ -176,7 +180,10 @@ def test_a_job_printing_without_end_while_the_server_is_down_waits_instead_of_fi
 
 
 class FakeServer:
-    """A stdlib HTTP server answering from a table; records every request."""
+    """A stdlib HTTP server answering from a table; records every request.
+
+    An answer is (status, headers, body), or a function returning one, called when the request
+    arrives (to act, e.g. send a heartbeat, while the agent waits for that answer)."""
 
     def __init__(self):
         self.requests = []
@@ -190,7 +197,8 @@ class FakeServer:
                 fake.requests.append((self.command, self.path, {k.lower(): v for k, v in self.headers.items()},
                                       json.loads(body) if body else None))
                 answers = fake.routes.get((self.command, path), [(404, {}, {"message": "no route"})])
-                status, headers, payload = answers.pop(0) if len(answers) > 1 else answers[0]
+                answer = answers.pop(0) if len(answers) > 1 else answers[0]
+                status, headers, payload = answer() if callable(answer) else answer
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
                 for name, value in headers.items():
@@ -211,11 +219,20 @@ class FakeServer:
         self.thread.start()
 
     def route(self, method: str, path: str, *answers) -> None:
-        """Answer (status, headers, body) in turn; the last one repeats."""
+        """Answer (status, headers, body) (or a function returning one) in turn; the last one repeats."""
         self.routes[(method, path)] = list(answers)
 
     def paths(self) -> list:
         return [(method, path.split("?")[0]) for method, path, _, _ in self.requests]
+
+    def bodies(self, path: str) -> list:
+        """The JSON bodies of the requests to `path`, in order."""
+        return [body for _, request_path, _, body in self.requests if request_path.split("?")[0] == path]
+
+    def queries(self, path: str) -> list:
+        """The query parameters of the requests to `path`, in order, one value each."""
+        return [dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request_path).query))
+                for _, request_path, _, _ in self.requests if request_path.split("?")[0] == path]
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -252,8 +269,8 @@ def make_agent(tmp_path):
 
 
 def job_answer(**fields) -> tuple:
-    job = {"jobId": "job-1", "command": "echo hi", "fileUrl": None, "workingDirectory": None, "timeout": 10,
-           "attempt": 1, "tags": [], **fields}
+    job = {"jobId": "job-1", "command": "echo hi", "fileUrl": None, "fileId": None, "sha256": None,
+           "workingDirectory": None, "timeout": 10, "attempt": 1, "tags": [], **fields}
     return 200, {}, {"success": True, "job": job}
 
 
@@ -264,11 +281,14 @@ def test_registers_then_long_polls_with_the_worker_token(fake, make_agent):
     delay = worker.poll_once()
 
     assert 0 <= delay <= agent.POLL_FLOOR_SECONDS
-    (_, _, register_headers, register), _, (_, get_job_path, get_job_headers, _) = fake.requests
+    (_, _, register_headers, register), (_, _, _, heartbeat), (_, get_job_path, get_job_headers, _) = fake.requests
     assert register_headers["authorization"] == "Bearer registration-secret"
     assert register["workerId"] == "desk-1" and register["metadata"]["tags"] == ["gpu"]
     assert {"osType", "pythonVersion"} <= register["metadata"].keys() and register["cpuCount"] >= 1
-    assert get_job_path == f"/api/jobs/get-job?wait={agent.POLL_WAIT_SECONDS}"
+    run = heartbeat["run"]
+    assert re.fullmatch(r"[0-9a-f]{32}", run)
+    assert (heartbeat["runningJobs"], heartbeat["polled"]) == ([], 0)  # sent before the first get-job
+    assert get_job_path == f"/api/jobs/get-job?wait={agent.POLL_WAIT_SECONDS}&run={run}&poll=1"
     assert get_job_headers["x-worker-token"] == "worker-secret"
 
 
@@ -402,11 +422,16 @@ def test_a_result_stays_spooled_until_the_server_takes_it(fake, make_agent):
     assert [p.name for p in spool.iterdir()] == ["job-1.1.json"]
     assert json.loads((spool / "job-1.1.json").read_text())["exitCode"] == 4
 
+    assert worker.heartbeat()["success"]
+    assert fake.bodies("/api/workers/heartbeat")[-1]["runningJobs"] == ["job-1"]  # held until the server has it
+
     worker.poll_once(now=1000.0)  # past the backoff: the spool goes first
 
     assert list(spool.iterdir()) == []
     sent = [body for _, path, _, body in fake.requests if path == "/api/jobs/submit-result"]
     assert len(sent) == 2 and sent[1]["exitCode"] == 4 and sent[1]["attempt"] == 1
+    worker.heartbeat()
+    assert fake.bodies("/api/workers/heartbeat")[-1]["runningJobs"] == []
 
 
 @unix_only
@@ -430,6 +455,7 @@ def test_a_restarted_agent_first_tells_the_server_which_jobs_it_still_holds(fake
     first = make_agent(fake.url)
     first.poll_once(now=0.0)  # runs job-done; its result stays in the spool
     first.close()
+    first_run = fake.queries("/api/jobs/get-job")[0]["run"]
     fake.requests.clear()
 
     make_agent(fake.url).poll_once(now=0.0)
@@ -437,7 +463,159 @@ def test_a_restarted_agent_first_tells_the_server_which_jobs_it_still_holds(fake
     (method, path, _, body), *later = fake.requests
     assert (method, path) == ("POST", "/api/workers/heartbeat")
     assert body["runningJobs"] == ["job-done"]  # held until the server takes its result
+    assert body["polled"] == 0 and body["run"] != first_run  # a new run: the server gives back the old one's others
     assert later[0][1] == "/api/jobs/submit-result"
+
+
+def test_get_job_requests_are_numbered_once_across_slots(fake, make_agent):
+    fake.route("GET", "/api/jobs/get-job", (204, {}, b""))
+    worker = make_agent(fake.url)
+    worker.poll_once()
+    slots = [threading.Thread(target=worker.poll_once) for _ in range(4)]
+    for slot in slots:
+        slot.start()
+    for slot in slots:
+        slot.join()
+
+    queries = fake.queries("/api/jobs/get-job")
+    assert sorted(int(query["poll"]) for query in queries) == [1, 2, 3, 4, 5]
+    assert len({query["run"] for query in queries}) == 1
+    worker.heartbeat()
+    assert fake.bodies("/api/workers/heartbeat")[-1]["polled"] == 5  # every answer handled
+
+
+@unix_only
+def test_a_heartbeat_never_counts_a_poll_whose_job_is_not_listed_yet(fake, make_agent, monkeypatch):
+    worker = make_agent(fake.url)
+    seen = []  # (moment, heartbeat body): a heartbeat sent at each point where the race could bite
+
+    def heartbeat_at(moment: str) -> None:
+        worker.heartbeat()
+        seen.append((moment, fake.bodies("/api/workers/heartbeat")[-1]))
+
+    def job_after_a_heartbeat():
+        heartbeat_at("get-job in flight")
+        return job_answer()
+
+    def output_after_a_heartbeat():
+        heartbeat_at("job running")
+        return 200, {}, {"success": True}
+
+    listing = agent._Job.from_api
+
+    def job_read_after_a_heartbeat(data):
+        heartbeat_at("answer received")
+        return listing(data)
+
+    fake.route("GET", "/api/jobs/get-job", job_after_a_heartbeat, (204, {}, b""))
+    fake.route("POST", "/api/jobs/stream-output", output_after_a_heartbeat)
+    monkeypatch.setattr(agent._Job, "from_api", job_read_after_a_heartbeat)
+
+    worker.poll_once()
+    heartbeat_at("result delivered")
+    worker.poll_once()
+    heartbeat_at("next poll answered")
+
+    run = fake.queries("/api/jobs/get-job")[0]["run"]
+    assert all(body["run"] == run for body in fake.bodies("/api/workers/heartbeat"))
+    assert [(moment, body["polled"], body["runningJobs"]) for moment, body in seen] == [
+        ("get-job in flight", 0, []),
+        ("answer received", 0, []),  # job-1 is not listed yet, so poll 1 does not count as answered
+        ("job running", 1, ["job-1"]),
+        ("result delivered", 1, []),
+        ("next poll answered", 2, []),
+    ]
+
+
+@unix_only
+def test_output_and_result_say_how_long_the_command_has_been_running_not_the_download(fake, make_agent):
+    def slow_download():
+        time.sleep(0.6)  # counted by the lease, not by the job's clock
+        return 200, {}, b"input"
+
+    fake.route("GET", "/uploads/file-1/input.txt", slow_download)
+    fake.route("GET", "/api/jobs/get-job",
+               job_answer(command="cat input.txt; echo; sleep 0.8; echo two", fileUrl="/uploads/file-1/input.txt"),
+               (204, {}, b""))
+    worker = make_agent(fake.url)
+
+    result = run_one_job(worker, fake)
+
+    outputs = [body for body in fake.bodies("/api/jobs/stream-output") if body["data"]]
+    assert "".join(body["data"] for body in outputs) == "input\ntwo\n"
+    running_for = [body["runningFor"] for body in outputs]
+    assert running_for == sorted(running_for) and running_for[0] < 0.5
+    assert running_for[-1] - running_for[0] > 0.5
+    assert result["exitCode"] == 0 and running_for[-1] <= result["runningFor"] < 0.6 + 0.8 + 0.5
+    assert all(isinstance(body["runningFor"], float) for body in fake.bodies("/api/jobs/stream-output"))
+
+
+@unix_only
+def test_the_file_id_is_the_download_cache_key(fake, make_agent):
+    content = zip_of("data.txt", "cached\n")
+    file_id = f"file-{uuid.uuid4().hex}"
+    url = f"{fake.url}/any/path/input.zip"  # the agent does not read ids out of URLs
+    fake.route("GET", "/any/path/input.zip", (200, {}, content))
+    fake.route("GET", "/api/jobs/get-job",
+               job_answer(jobId="job-1", command="cat data.txt", fileUrl=url, fileId=file_id,
+                          sha256=hashlib.sha256(content).hexdigest()),
+               job_answer(jobId="job-2", command="cat data.txt", fileUrl=url, fileId=file_id,
+                          sha256=hashlib.sha256(content).hexdigest()),
+               job_answer(jobId="job-3", command="cat data.txt", fileUrl=url),  # no fileId: not cached
+               (204, {}, b""))
+    worker = make_agent(fake.url)
+
+    for _ in range(3):
+        worker.poll_once()
+
+    assert [body["exitCode"] for body in fake.bodies("/api/jobs/submit-result")] == [0, 0, 0]
+    output = {}
+    for body in fake.bodies("/api/jobs/stream-output"):
+        output[body["jobId"]] = output.get(body["jobId"], "") + body["data"]
+    assert output == {"job-1": "cached\n", "job-2": "cached\n", "job-3": "cached\n"}
+    assert fake.paths().count(("GET", "/any/path/input.zip")) == 2  # job-2 used the cached copy
+    assert [p.name for p in (worker.config.work_dir / "cache").iterdir()] == [f"{file_id}.bin"]
+
+
+@unix_only
+def test_an_input_that_does_not_match_its_sha256_fails_the_job_without_running_it(fake, make_agent, monkeypatch):
+    monkeypatch.setattr(agent, "DOWNLOAD_ATTEMPTS", 2)
+    content = zip_of("data.txt", "tampered\n")
+    expected = hashlib.sha256(b"what was uploaded").hexdigest()
+    fake.route("GET", "/uploads/file-1/input.zip", (200, {}, content))
+    fake.route("GET", "/api/jobs/get-job",
+               job_answer(command="echo ran", fileUrl="/uploads/file-1/input.zip", fileId="file-1", sha256=expected),
+               (204, {}, b""))
+    worker = make_agent(fake.url)
+
+    result = run_one_job(worker, fake)
+
+    assert result["exitCode"] == agent.EXIT_SETUP_FAILED
+    assert result["error"].startswith(f"the input's sha256 did not match: expected {expected}, got "
+                                      f"{hashlib.sha256(content).hexdigest()}")
+    assert (result["stdout"], result["stderr"]) == ("", f"dispatch-agent: {result['error']}\n")
+    assert "runningFor" not in result  # the command never started
+    assert fake.bodies("/api/jobs/stream-output") == []
+    assert fake.paths().count(("GET", "/uploads/file-1/input.zip")) == 2  # downloaded again before giving up
+    assert list((worker.config.work_dir / "cache").iterdir()) == []
+
+
+@unix_only
+def test_a_download_that_does_not_match_its_sha256_is_fetched_again(fake, make_agent):
+    content = zip_of("data.txt", "intact\n")
+    fake.route("GET", "/uploads/file-1/input.zip", (200, {}, content[:-10]), (200, {}, content))
+    fake.route("GET", "/api/jobs/get-job",
+               job_answer(command="cat data.txt", fileUrl="/uploads/file-1/input.zip", fileId="file-1",
+                          sha256=hashlib.sha256(content).hexdigest().upper()),
+               (204, {}, b""))
+    worker = make_agent(fake.url)
+
+    result = run_one_job(worker, fake)
+
+    assert result["exitCode"] == 0
+    assert "".join(body["data"] for body in fake.bodies("/api/jobs/stream-output")) == "intact\n"
+    assert fake.paths().count(("GET", "/uploads/file-1/input.zip")) == 2
+    assert (worker.config.work_dir / "cache" / "file-1.bin").read_bytes() == content
 
 
 def test_one_work_dir_serves_one_agent(fake, make_agent):
