@@ -56,7 +56,7 @@ import uuid
 import weakref
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Awaitable, Callable, NamedTuple, Optional
 
 import aiohttp_cors
 import aiosqlite
@@ -217,6 +217,10 @@ class PayloadTooLarge(DispatchError):
     status, error, code = 413, "Payload too large", "PAYLOAD_TOO_LARGE"
 
 
+class RequestTimeout(DispatchError):
+    status, error, code = 408, "Request Timeout", "REQUEST_TIMEOUT"
+
+
 class RateLimited(DispatchError):
     status, error, code = 429, "Too Many Requests", "RATE_LIMITED"
 
@@ -271,6 +275,8 @@ SETTINGS: tuple[Setting, ...] = (
             "comma list of proxy IPs whose X-Forwarded-For is believed"),
     Setting("bcrypt_rounds", None, "DISPATCH_BCRYPT_ROUNDS", int, 12, "bcrypt cost of new password hashes (4-16)"),
     Setting("log_format", "--log-format", "DISPATCH_LOG_FORMAT", str, "text", "log lines as text or json"),
+    Setting("request_timeout", None, "DISPATCH_REQUEST_TIMEOUT", float, 15.0,
+            "seconds a client may take to send a request's headers, or to send more of a stalled body"),
 )
 
 
@@ -297,6 +303,7 @@ class Config:
     trusted_proxies: str = ""
     bcrypt_rounds: int = 12
     log_format: str = "text"
+    request_timeout: float = 15.0
 
     @classmethod
     def from_env(cls, environ: Optional[dict] = None, **overrides: Any) -> "Config":
@@ -324,6 +331,19 @@ class Config:
     @property
     def trusted_proxy_list(self) -> list[str]:
         return [p.strip() for p in self.trusted_proxies.split(",") if p.strip()]
+
+
+def _make_data_dir_private(path: Path) -> None:
+    """Create the data dir, and close what an older version left open: it holds password hashes,
+    tokens and people's code, so every folder is 0700 and every file 0600, whatever the umask."""
+    (path / "uploads").mkdir(mode=0o700, parents=True, exist_ok=True)
+    database = path / "dispatch.db"
+    if not database.exists():  # SQLite gives its -wal and -shm files the database's mode
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+    for folder, _subfolders, files in os.walk(path):
+        os.chmod(folder, 0o700)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o600)
 
 
 def _read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
@@ -1333,9 +1353,28 @@ def _json(data: dict, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
 
 
+async def _in_time(request: web.Request, step: Awaitable) -> Any:
+    """One read of a request's body; a client that sends nothing more for DISPATCH_REQUEST_TIMEOUT
+    seconds is refused (and its connection closed), so a stalled body cannot hold the server."""
+    try:
+        return await asyncio.wait_for(step, request.app[CONFIG].request_timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeout("The request body stopped arriving") from None
+
+
+async def _read_body(request: web.Request) -> bytes:
+    chunks, size = [], 0
+    while chunk := await _in_time(request, request.content.readany()):
+        size += len(chunk)
+        if size > MAX_REQUEST_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_REQUEST_BODY, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _json_body(request: web.Request) -> dict:
     try:
-        body = await request.json()
+        body = json.loads(await _read_body(request))
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("Request body must be valid JSON", code="INVALID_JSON") from None
     if not isinstance(body, dict):
@@ -1451,7 +1490,10 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         error = DispatchError("Internal error")
-    return web.json_response(error.body(), status=error.status, headers=error.headers)
+    response = web.json_response(error.body(), status=error.status, headers=error.headers)
+    if isinstance(error, RequestTimeout):
+        response.force_close()  # the rest of the body may never come
+    return response
 
 
 @web.middleware
@@ -2004,7 +2046,7 @@ async def upload_view(request: web.Request) -> web.Response:
     uploading.add(asyncio.current_task())
     try:
         name, size, sha256 = await _receive_upload(request, partial, config)
-        (uploads / file_id).mkdir()
+        (uploads / file_id).mkdir(mode=0o700)
         partial.rename(uploads / file_id / name)
     except (ValueError, AssertionError, KeyError, HttpProcessingError):
         raise InvalidFile("Expected multipart/form-data with a 'file' field", code="MALFORMED_UPLOAD") from None
@@ -2027,10 +2069,10 @@ def _too_large(config: Config) -> InvalidFile:
 
 async def _receive_upload(request: web.Request, partial: Path, config: Config) -> tuple[str, int, str]:
     """Write the form field ``file`` to ``partial``; returns (clean name, size, sha256)."""
-    field = await _next_file_field(await request.multipart())
+    field = await _in_time(request, _next_file_field(await request.multipart()))
     digest, size = hashlib.sha256(), 0
-    with open(partial, "wb") as out:
-        while chunk := await field.read_chunk(256 * 1024):
+    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        while chunk := await _in_time(request, field.read_chunk(256 * 1024)):
             size += len(chunk)
             if size > config.max_upload_mb * 1024 * 1024:
                 raise _too_large(config)
@@ -2081,8 +2123,7 @@ async def download_view(request: web.Request) -> web.StreamResponse:
 async def _storage_ctx(app: web.Application):
     """Open the database and the secrets in the data dir; create the first admin on first start."""
     config = app[CONFIG]
-    for sub in ("", "uploads"):
-        (config.data_path / sub).mkdir(parents=True, exist_ok=True)
+    _make_data_dir_private(config.data_path)
     for leftover in (config.data_path / "uploads").glob(".*.partial"):
         leftover.unlink()  # an upload the previous process did not finish
     if not config.registration_token:
@@ -2254,8 +2295,10 @@ def backup_database(config: Config, target: Path) -> None:
     source_path = config.data_path / "dispatch.db"
     if not source_path.exists():
         raise SystemExit(f"no database at {source_path}")
-    if target.exists():
-        raise SystemExit(f"{target} exists; choose a new file")
+    try:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # as private as the original
+    except FileExistsError:
+        raise SystemExit(f"{target} exists; choose a new file") from None
     source, copy = sqlite3.connect(source_path), sqlite3.connect(target)
     try:
         source.backup(copy)
@@ -2297,6 +2340,44 @@ def _setup_logging(log_format: str) -> None:
     handler.setFormatter(_JsonFormatter() if log_format == "json"
                          else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.getLogger("asyncio").addFilter(_OncePerMinute("out of system resource"))
+
+
+class _OncePerMinute(logging.Filter):
+    """Lets a message that contains ``text`` through once a minute: out of descriptors, asyncio
+    reports every accept it cannot make, with a traceback, and the log would grow by megabytes."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self._text = text
+        self._next = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._text not in record.getMessage():
+            return True
+        if time.monotonic() < self._next:
+            return False
+        self._next = time.monotonic() + 60
+        return True
+
+
+def _raise_open_files_limit() -> None:
+    """Every connection (a parked agent's long-poll) holds a descriptor, and the soft limit is
+    often 1,024: use as many as the hard limit allows."""
+    try:
+        import resource
+    except ImportError:  # Windows has no such limit
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux's default fs.nr_open
+    for wanted in (ceiling, 10240):  # 10240: macOS's OPEN_MAX, when it refuses an "unlimited" hard limit
+        if soft >= wanted:
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            return
+        except (ValueError, OSError):
+            continue
 
 
 def _print_banner(app: web.Application) -> None:
@@ -2314,6 +2395,7 @@ def _print_banner(app: web.Application) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    os.umask(0o077)  # nothing the server or its commands write is for other accounts
     args = _build_parser().parse_args(argv)
     overrides = {s.field: getattr(args, s.field) for s in SETTINGS if s.flag}
     config = Config.from_env(**overrides)
@@ -2334,10 +2416,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 1
         print(f"added {args.role} {args.email}")
         return 0
+    _raise_open_files_limit()
     app = create_app(config)
-    # run_app "prints" once the socket listens: the banner then tells the truth.
+    # run_app "prints" once the socket listens: the banner then tells the truth. The keep-alive
+    # timeout also bounds how long a connection may take to send its request's headers; the
+    # lingering time, how long an unread body is drained after the answer.
     web.run_app(app, host=config.host, port=config.port, print=lambda _message: _print_banner(app),
-                access_log=None)
+                access_log=None, keepalive_timeout=config.request_timeout, lingering_time=config.request_timeout)
     return 0
 
 

@@ -165,9 +165,10 @@ def api(client) -> Api:
 class ServerProcess:
     """A real ``python dispatch.py`` on a loopback port, its banner captured to a file."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str]):
+    def __init__(self, data_dir: Path, env: dict[str, str], open_files: tuple[int, int] | None = None):
         self.data_dir = data_dir
         self.env = env
+        self.open_files = open_files  # (soft, hard) RLIMIT_NOFILE to start it with
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"dispatch-{self.port}.log"
@@ -178,7 +179,8 @@ class ServerProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(ROOT / "dispatch.py"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--data-dir", str(self.data_dir)], stdout=log, stderr=subprocess.STDOUT, env=self.env)
+             "--data-dir", str(self.data_dir)], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            preexec_fn=self._limit_open_files if self.open_files else None)
         log.close()
         deadline = time.monotonic() + 15
         while "add a desktop" not in self.log()[offset:]:
@@ -186,6 +188,11 @@ class ServerProcess:
                 raise RuntimeError(f"dispatch.py did not start:\n{self.log()}")
             time.sleep(0.05)
         return self
+
+    def _limit_open_files(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, self.open_files)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
