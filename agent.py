@@ -12,7 +12,8 @@ whole process tree past the job's timeout (counted from the command's start), an
 exit code. A result waits on disk until the server takes it. Every heartbeat is a lease: it
 lists the jobs this run holds, so the server requeues one whose claim never reached the agent.
 First Ctrl-C or SIGTERM: take no new jobs, let running ones finish. Second: kill them and
-report them as failed.
+report them as failed. With --run-as USER (Unix, the agent started as root) every job runs as
+that user, and the agent's own files stay root's.
 
 Sections (`grep -n '^# ===' agent.py`): constants, errors, config, HTTP, platform (ctypes),
 inputs, process trees, run_job, server link, spool, Agent, main.
@@ -40,6 +41,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -49,7 +51,7 @@ import uuid
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 __version__ = "0.1.0"
 __all__ = [
@@ -98,6 +100,7 @@ KILL_ROUNDS = 10  # SIGKILL rounds, for processes forked while the tree was bein
 STOP_GRACE_SECONDS = KILL_GRACE_SECONDS + 2 * HTTP_TIMEOUT_SECONDS  # second stop: kill, spool, send
 
 MAX_ZIP_ENTRIES = 100_000
+MAX_ZIP_DIRECTORY_BYTES = 64 * 1024**2  # the central directory, which zipfile reads into memory whole
 MAX_ZIP_BYTES = 4 * 1024**3  # bytes actually written, not what the zip headers claim
 CACHE_MAX_BYTES = 2 * 1024**3
 DOWNLOAD_ATTEMPTS = 4
@@ -108,6 +111,8 @@ EXIT_SETUP_FAILED = 125  # the job could not be set up: input download, unsafe a
 EXIT_STOPPED = 143  # 128 + SIGTERM: the agent was stopped twice while the job ran
 
 MARKER_ENV = "DISPATCH_AGENT_MARK"  # in every job process's environment: "<agent key>/<job key>/"
+TOKEN_ENV = "DISPATCH_REGISTRATION_TOKEN"
+TOKEN_FD_ENV = "DISPATCH_AGENT_TOKEN_FD"  # set by the agent's own restart: where it reads the token from
 STREAMS = ("stdout", "stderr")
 
 # === Errors ===
@@ -151,27 +156,51 @@ class JobLost(AgentError):
 
 # === Config: flags and environment ===
 
-# (flag, metavar, environment variable, default, help): --help and the README table come from here.
+class _Setting(NamedTuple):
+    """One agent setting: --help and the README table come from these."""
+
+    flag: str
+    metavar: str
+    env: str
+    default: Optional[str]
+    help: str
+
+
 _SETTINGS = (
-    ("--server", "URL", "DISPATCH_SERVER", None, "the dispatch server, e.g. http://lanbox:3000 (required)"),
-    (
+    _Setting("--server", "URL", "DISPATCH_SERVER", None, "the dispatch server, e.g. http://lanbox:3000 (required)"),
+    _Setting(
         "--token",
         "TOKEN",
-        "DISPATCH_REGISTRATION_TOKEN",
+        TOKEN_ENV,
         None,
         "the registration token the server prints at start (required; the environment variable "
         "keeps it out of the process list)",
     ),
-    ("--worker-id", "ID", "DISPATCH_WORKER_ID", None, "this worker's name on the server (default: the hostname)"),
-    (
+    _Setting("--worker-id", "ID", "DISPATCH_WORKER_ID", None,
+             "this worker's name on the server (default: the hostname)"),
+    _Setting(
         "--work-dir",
         "DIR",
         "DISPATCH_WORK_DIR",
         "~/.dispatch-agent",
         "where the agent keeps its worker token, downloads, job directories and unsent results",
     ),
-    ("--tags", "TAGS", "DISPATCH_TAGS", "", "comma list; a job with tags runs only on a worker that has all of them"),
-    ("--concurrency", "N", "DISPATCH_CONCURRENCY", "1", "how many jobs run at once"),
+    _Setting("--tags", "TAGS", "DISPATCH_TAGS", "",
+             "comma list; a job with tags runs only on a worker that has all of them"),
+    _Setting("--concurrency", "N", "DISPATCH_CONCURRENCY", "1",
+             "how many jobs run at once, at most (and while what they asked fits what this computer offers)"),
+    _Setting("--cpus", "N", "DISPATCH_CPUS", None, "cpus this computer offers the farm (default: its cores)"),
+    _Setting("--memory-mb", "MB", "DISPATCH_MEMORY_MB", None,
+             "MB of memory this computer offers the farm (default: 80 percent of its physical memory)"),
+    _Setting("--gpus", "N", "DISPATCH_GPUS", "0", "gpus this computer offers the farm"),
+    _Setting(
+        "--run-as",
+        "USER",
+        "DISPATCH_RUN_AS",
+        None,
+        "Unix, with the agent started as root: run every job as this unprivileged user, in a directory "
+        "of its own; the worker token, the cache and unsent results stay readable by root only",
+    ),
 )
 
 
@@ -185,17 +214,35 @@ class Config:
     work_dir: Path
     tags: tuple = ()
     concurrency: int = 1
+    cpus: int = 1  # what it offers the farm: the server hands it only jobs that fit what is free
+    memory_mb: Optional[int] = None  # None: the platform does not say how much memory there is
+    gpus: int = 0
+    run_as: Optional[str] = None  # the user every job runs as (the agent runs as root)
     verbose: bool = False
 
+    @property
+    def offers(self) -> dict:
+        """What this computer offers the farm, as register and heartbeat send it."""
+        return {"cpus": self.cpus, "memoryMb": self.memory_mb, "gpus": self.gpus}
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return value
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def whole_number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {minimum}, not {text!r}")
+        return value
+
+    return whole_number
+
+
+_SETTING_TYPES = {"--concurrency": _at_least(1), "--cpus": _at_least(1), "--memory-mb": _at_least(0),
+                  "--gpus": _at_least(0)}
 
 
 def parse_config(argv: Optional[list] = None, environ: Optional[dict] = None) -> Config:
@@ -212,13 +259,11 @@ def parse_config(argv: Optional[list] = None, environ: Optional[dict] = None) ->
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for flag, metavar, env, default, help_text in _SETTINGS:
-        kwargs = {"type": _positive_int} if flag == "--concurrency" else {}
-        if default:
-            help_text += f" (default: {default})"
-        parser.add_argument(
-            flag, metavar=metavar, default=environ.get(env, default), help=f"{help_text} [{env}]", **kwargs
-        )
+    for setting in _SETTINGS:
+        help_text = setting.help + (f" (default: {setting.default})" if setting.default else "")
+        default = environ.get(setting.env, setting.default)
+        parser.add_argument(setting.flag, metavar=setting.metavar, default=default, help=f"{help_text} [{setting.env}]",
+                            type=_SETTING_TYPES.get(setting.flag, str))
     parser.add_argument("--verbose", action="store_true", help="log every request and step")
     parser.add_argument("--version", action="version", version=f"dispatch agent {__version__}")
     args = parser.parse_args(argv)
@@ -226,6 +271,11 @@ def parse_config(argv: Optional[list] = None, environ: Optional[dict] = None) ->
         parser.error("--server (or DISPATCH_SERVER) must be the server's URL, e.g. http://lanbox:3000")
     if not args.token:
         parser.error("--token (or DISPATCH_REGISTRATION_TOKEN) is required: the server prints it at start")
+    if args.run_as:
+        try:
+            _JobUser.lookup(args.run_as)
+        except AgentError as err:
+            parser.error(str(err))
     return Config(
         server=args.server.rstrip("/"),
         token=args.token,
@@ -233,6 +283,10 @@ def parse_config(argv: Optional[list] = None, environ: Optional[dict] = None) ->
         work_dir=Path(args.work_dir).expanduser(),
         tags=tuple(tag.strip() for tag in args.tags.split(",") if tag.strip()),
         concurrency=args.concurrency,
+        cpus=args.cpus or os.cpu_count() or 1,
+        memory_mb=args.memory_mb if args.memory_mb is not None else _default_memory_offer_mb(),
+        gpus=args.gpus,
+        run_as=args.run_as or None,
         verbose=args.verbose,
     )
 
@@ -352,7 +406,7 @@ def _origin(url: str) -> tuple:
     return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
 
 
-# === Platform: Windows Job Objects, memory size, the work-dir lock ===
+# === Platform: Windows Job Objects, memory size, private files, the work-dir lock, the job user ===
 
 
 class _JOBOBJECT_BASIC_LIMIT_INFORMATION(ctypes.Structure):
@@ -459,9 +513,43 @@ def _total_memory_mb() -> Optional[int]:
         return None
 
 
+def _default_memory_offer_mb() -> Optional[int]:
+    """80 % of the RAM: the rest stays with the desktop's owner and the system."""
+    total = _total_memory_mb()
+    return total * 4 // 5 if total else None
+
+
+def _private_dir(path: Path, mode: int = 0o700) -> None:
+    """Create the directory `path` if needed and give it exactly `mode`, whatever the umask (or an
+    older agent) left. Windows has no such modes: there the directory inherits its parent's ACL."""
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    path.chmod(mode)
+
+
+def _create_private(path: Path, mode: str = "wb"):
+    """Create or truncate the file `path`, readable by its owner only, and open it with `mode`."""
+    # O_BINARY: without it Windows would turn every \n written through the descriptor into \r\n.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+    return open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def _write_private(path: Path, text: str, *, sync: bool = True) -> None:
+    """Write a file atomically (a crash leaves the old or the new one), readable by its owner only.
+
+    Without `sync` the file survives the agent's own crash but not a power cut.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    with _create_private(tmp, "w") as f:
+        f.write(text)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _lock_work_dir(work_dir: Path):
     """Hold <work dir>/agent.lock for the life of the process: one agent per work dir."""
-    lock = open(work_dir / "agent.lock", "a+")
+    lock = open(os.open(work_dir / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600), "a+")
     try:
         if _WINDOWS:
             import msvcrt
@@ -476,6 +564,69 @@ def _lock_work_dir(work_dir: Path):
         lock.close()
         raise AgentError(f"another agent is already using {work_dir}; give each agent its own --work-dir") from None
     return lock
+
+
+@dataclasses.dataclass(frozen=True)
+class _JobUser:
+    """The unprivileged account every job runs as (--run-as; Unix, the agent running as root)."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple  # its supplementary groups, its primary group among them
+
+    @classmethod
+    def lookup(cls, name: str) -> "_JobUser":
+        """The account `name`; AgentError, in one sentence, where jobs cannot be run as it."""
+        if _WINDOWS:
+            raise AgentError("--run-as works on Unix only: on Windows, run the agent itself under the "
+                             "account the jobs should use")
+        import pwd
+
+        if os.geteuid() != 0:
+            raise AgentError(f"--run-as needs the agent to be started as root, not as uid {os.geteuid()}")
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise AgentError(f"--run-as names the user {name!r}, who does not exist on this computer") from None
+        if entry.pw_uid == 0:
+            raise AgentError(f"--run-as must name an unprivileged user, and {name!r} has uid 0")
+        return cls(name, entry.pw_uid, entry.pw_gid, tuple(os.getgrouplist(name, entry.pw_gid)))
+
+    def popen_args(self) -> dict:
+        """Popen arguments that start a process as this user, with its groups only."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": list(self.groups)}
+
+    def environ(self, home: Path) -> dict:
+        """What a job's environment says about its user: HOME is the job's directory."""
+        return {"HOME": str(home), "USER": self.name, "LOGNAME": self.name}
+
+    def blocked_on_the_way_to(self, path: Path) -> Optional[Path]:
+        """The first directory from / to `path` (included) that this user may not pass, if any."""
+        for directory in [*reversed(path.parents), path]:
+            st = directory.stat()
+            if st.st_uid == self.uid:
+                bit = stat.S_IXUSR
+            elif st.st_gid in self.groups:
+                bit = stat.S_IXGRP
+            else:
+                bit = stat.S_IXOTH
+            if not st.st_mode & bit:
+                return directory
+        return None
+
+    def give(self, directory: Path) -> None:
+        """Make `directory` and everything in it this user's; only it may enter the directory."""
+        for parent, dirs, files in os.walk(directory):  # never follows a symbolic link
+            for name in dirs + files:
+                os.chown(os.path.join(parent, name), self.uid, self.gid, follow_symlinks=False)
+        directory.chmod(0o700)
+        os.chown(directory, self.uid, self.gid)  # last: a failure before it leaves the directory closed
+
+    @staticmethod
+    def take_back(directory: Path) -> None:
+        """Close `directory` to the user again (a finished job's files wait there for their result)."""
+        os.chown(directory, os.getuid(), os.getgid())
 
 
 # === Inputs: download, verify, cache, extract safely ===
@@ -500,43 +651,121 @@ def _entry_parts(info: zipfile.ZipInfo) -> list:
     return parts
 
 
-def extract_zip(archive, dest, *, max_entries=MAX_ZIP_ENTRIES, max_bytes=MAX_ZIP_BYTES) -> None:
-    """Extract `archive` into the existing directory `dest`, writing nothing outside it.
+_ZIP_END = struct.Struct("<4s4H2LH")  # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_END = struct.Struct("<4sQ2H2L4Q")
+_ZIP_ENTRY = struct.Struct("<4s4B4HL2L5H2L")  # central directory file header, before its name
 
-    Every entry is checked before anything is written; UnsafeArchive for a hostile entry or past a
-    cap (bytes are counted as written, headers are not trusted), JobSetupError for a broken zip.
+
+def _zip_directory_claims(f) -> list:
+    """(where it ends, entries, bytes) of each central directory the zip's end records describe.
+
+    zipfile believes one of them, which one depends on its version: the classic record, or the
+    ZIP64 record where the locator points or just before the locator. All of them are returned,
+    so checking every claim holds whichever zipfile reads the archive. A directory ends where the
+    record that describes it begins. Empty without an end record (zipfile then refuses the file).
+    """
+    file_size = f.seek(0, os.SEEK_END)
+    tail_at = max(file_size - _ZIP_END.size - 0xFFFF, 0)  # the record, then a comment of up to 64 KiB
+    f.seek(tail_at)
+    tail = f.read()
+    at = len(tail) - _ZIP_END.size
+    # As zipfile: a record without a comment at the very end, else the last signature.
+    if at < 0 or not (tail.startswith(b"PK\5\6", at) and tail.endswith(b"\0\0")):
+        at = tail.rfind(b"PK\5\6")
+    if at < 0 or len(tail) - at < _ZIP_END.size:
+        return []
+    end = tail_at + at
+    _, _, _, _, entries, size, _, _ = _ZIP_END.unpack_from(tail, at)
+    claims = [(end, entries, size)]
+    if end >= _ZIP64_LOCATOR.size:
+        f.seek(end - _ZIP64_LOCATOR.size)
+        signature, _, record_at, _ = _ZIP64_LOCATOR.unpack(f.read(_ZIP64_LOCATOR.size))
+        if signature == b"PK\6\7":
+            for position in {record_at, end - _ZIP64_LOCATOR.size - _ZIP64_END.size}:
+                if position < 0:
+                    continue
+                f.seek(position)
+                record = f.read(_ZIP64_END.size)
+                if len(record) == _ZIP64_END.size and record.startswith(b"PK\6\6"):
+                    _, _, _, _, _, _, _, entries, size, _ = _ZIP64_END.unpack(record)
+                    claims.append((position, entries, size))
+    return claims
+
+
+def _count_zip_entries(f, end: int, size: int, limit: int) -> int:
+    """How many entries zipfile would read from the `size` directory bytes before `end`, counted
+    without building them, and no further than `limit` + 1."""
+    f.seek(end - size)
+    count = done = 0
+    while done < size and count <= limit:
+        header = f.read(_ZIP_ENTRY.size)
+        if len(header) < _ZIP_ENTRY.size or not header.startswith(b"PK\1\2"):
+            break  # a broken directory, which zipfile refuses by itself
+        variable = sum(struct.unpack_from("<3H", header, 28))  # name, extra field and comment lengths
+        f.seek(variable, os.SEEK_CUR)
+        done += _ZIP_ENTRY.size + variable
+        count += 1
+    return count
+
+
+def _check_zip_directory(f, max_entries: int, max_directory_bytes: int) -> None:
+    """UnsafeArchive if a central directory of the zip in `f` holds (or claims) more entries or
+    bytes than the limits: checked before zipfile builds an object for every entry."""
+    for end, claimed, size in _zip_directory_claims(f):
+        if claimed > max_entries:
+            raise UnsafeArchive(f"the zip has {claimed} entries, more than the limit of {max_entries}")
+        if size > max_directory_bytes:
+            raise UnsafeArchive(
+                f"the zip's central directory has {size} bytes, more than the limit of {max_directory_bytes}"
+            )
+        if size <= end and _count_zip_entries(f, end, size, max_entries) > max_entries:
+            raise UnsafeArchive(
+                f"the zip has more entries than the limit of {max_entries} (its end record says {claimed})"
+            )
+
+
+def extract_zip(archive, dest, *, max_entries=MAX_ZIP_ENTRIES, max_bytes=MAX_ZIP_BYTES,
+                max_directory_bytes=MAX_ZIP_DIRECTORY_BYTES) -> None:
+    """Extract the zip file at path `archive` into the existing directory `dest`, writing nothing outside it.
+
+    The entry count and the directory size are checked first, from the zip's end records; then
+    every entry, before anything is written. UnsafeArchive for a hostile entry or past a cap
+    (bytes are counted as written, headers are not trusted), JobSetupError for a broken zip.
     """
     dest = Path(dest)
     root = os.path.abspath(dest) + os.sep
     try:
-        with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            if len(infos) > max_entries:
-                raise UnsafeArchive(f"the zip has {len(infos)} entries, more than the limit of {max_entries}")
-            entries = [(info, _entry_parts(info)) for info in infos]
-            written = 0
-            for info, parts in entries:
-                if not parts:
-                    continue
-                target = dest.joinpath(*parts)
-                # Belt and braces: on Windows abspath also applies the Win32 renames ("a. " -> "a").
-                if not os.path.abspath(target).startswith(root):
-                    raise UnsafeArchive(f"entry {info.filename!r} lands outside the job directory")
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "xb") as out:
-                    while True:
-                        chunk = src.read(1024 * 1024)
-                        if not chunk:
-                            break
-                        written += len(chunk)
-                        if written > max_bytes:
-                            raise UnsafeArchive(f"the zip expands to more than the limit of {max_bytes} bytes")
-                        out.write(chunk)
-                if not _WINDOWS and (info.external_attr >> 16) & 0o111:
-                    target.chmod(target.stat().st_mode | 0o111)  # keep scripts like ./gradlew runnable
+        with open(archive, "rb") as f:
+            _check_zip_directory(f, max_entries, max_directory_bytes)
+            with zipfile.ZipFile(f) as zf:
+                infos = zf.infolist()
+                if len(infos) > max_entries:
+                    raise UnsafeArchive(f"the zip has {len(infos)} entries, more than the limit of {max_entries}")
+                entries = [(info, _entry_parts(info)) for info in infos]
+                written = 0
+                for info, parts in entries:
+                    if not parts:
+                        continue
+                    target = dest.joinpath(*parts)
+                    # Belt and braces: on Windows abspath also applies the Win32 renames ("a. " -> "a").
+                    if not os.path.abspath(target).startswith(root):
+                        raise UnsafeArchive(f"entry {info.filename!r} lands outside the job directory")
+                    if info.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, open(target, "xb") as out:
+                        while True:
+                            chunk = src.read(1024 * 1024)
+                            if not chunk:
+                                break
+                            written += len(chunk)
+                            if written > max_bytes:
+                                raise UnsafeArchive(f"the zip expands to more than the limit of {max_bytes} bytes")
+                            out.write(chunk)
+                    if not _WINDOWS and (info.external_attr >> 16) & 0o111:
+                        target.chmod(target.stat().st_mode | 0o111)  # keep scripts like ./gradlew runnable
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError) as err:
         # RuntimeError: an encrypted entry; OSError: e.g. a file and a directory of the same name.
         raise JobSetupError(f"could not extract the zip: {err}") from None
@@ -632,8 +861,8 @@ class _DownloadCache:
         self._locks = {}  # file id -> Lock, held while that file is downloaded or used
 
     def clean(self) -> None:
-        """Create the cache directory; delete downloads an earlier run left half-done."""
-        self._dir.mkdir(exist_ok=True)
+        """Create the cache directory (the agent's only); delete downloads an earlier run left half-done."""
+        _private_dir(self._dir)
         for path in self._dir.glob("*.part"):
             path.unlink(missing_ok=True)
 
@@ -647,7 +876,7 @@ class _DownloadCache:
         if key is None or not self._KEY.fullmatch(key):
             tmp = self._dir / f"{uuid.uuid4().hex}.part"
             try:
-                with open(tmp, "wb") as out:
+                with _create_private(tmp) as out:
                     download(out)
                 yield tmp
             finally:
@@ -661,7 +890,7 @@ class _DownloadCache:
             else:
                 tmp = self._dir / f"{key}.part"
                 try:
-                    with open(tmp, "wb") as out:
+                    with _create_private(tmp) as out:
                         download(out)
                     os.replace(tmp, path)
                 finally:
@@ -971,13 +1200,15 @@ class _Output:
         self._backoff.reset()
 
 
-def _spawn(command: str, cwd: Path, env: dict) -> subprocess.Popen:
+def _spawn(command: str, cwd: Path, env: dict, user: Optional[_JobUser] = None) -> subprocess.Popen:
     # shell=True runs `/bin/sh -c command` on Unix and `cmd.exe /c command` (%COMSPEC%) on Windows.
     # Each job gets its own session (Unix) or process group (Windows, so Ctrl-C at the agent's
     # console does not reach it: stopping is the agent's decision).
     isolation = (
         {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if _WINDOWS else {"start_new_session": True}
     )
+    if user is not None:
+        isolation.update(user.popen_args())
     return subprocess.Popen(
         command,
         shell=True,
@@ -999,8 +1230,10 @@ def _exit_code(returncode: int) -> int:
     return returncode
 
 
-def run_job(command: str, cwd: Path, *, env: dict, marker: str, timeout: float, send_output, halt) -> JobResult:
-    """Run `command` in `cwd`, stream its output with send_output(stream, text), and report how it ended.
+def run_job(command: str, cwd: Path, *, env: dict, marker: str, timeout: float, send_output, halt,
+            user: Optional[_JobUser] = None) -> JobResult:
+    """Run `command` in `cwd` (as `user`, if given), stream its output with send_output(stream, text),
+    and report how it ended.
 
     Returns once the command has exited (or was killed: past `timeout` with exit code 124, when
     the `halt` event is set with 143) and no process of its tree is left; the command's own exit
@@ -1008,7 +1241,7 @@ def run_job(command: str, cwd: Path, *, env: dict, marker: str, timeout: float, 
     `marker`. JobLost from send_output kills the tree and propagates.
     """
     started = time.monotonic()
-    proc = _spawn(command, cwd, env)
+    proc = _spawn(command, cwd, env, user)
     tree = _ProcessTree(proc, marker)
     output = _Output(send_output, proc.stdout, proc.stderr)
     threading.Thread(target=lambda: (proc.wait(), output.wake()), daemon=True).start()
@@ -1040,21 +1273,6 @@ def run_job(command: str, cwd: Path, *, env: dict, marker: str, timeout: float, 
 
 
 # === Server link: worker token, registration, heartbeats ===
-
-
-def _write_private(path: Path, text: str, *, sync: bool = True) -> None:
-    """Write a file atomically (a crash leaves the old or the new one), readable by its owner only.
-
-    Without `sync` the file survives the agent's own crash but not a power cut.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class _ServerLink:
@@ -1117,6 +1335,7 @@ class _ServerLink:
                 "hostname": socket.gethostname(),
                 "cpuCount": os.cpu_count() or 1,
                 "totalMemoryMb": _total_memory_mb(),
+                **cfg.offers,
                 "metadata": {
                     "osType": platform.system(),
                     "pythonVersion": platform.python_version(),
@@ -1200,8 +1419,8 @@ class _ResultSpool:
         self._delivering = threading.Lock()
 
     def load(self) -> None:
-        """Create the spool directory and take up the results an earlier run left in it."""
-        self.directory.mkdir(exist_ok=True)
+        """Create the spool directory (the agent's only) and take up the results an earlier run left in it."""
+        _private_dir(self.directory)
         for path in self.directory.glob("*.json"):
             try:
                 job_id = json.loads(path.read_text(encoding="utf-8")).get("jobId")
@@ -1274,6 +1493,7 @@ class _Job:
     working_directory: Optional[str]
     timeout: float
     attempt: int
+    cpus: int  # what it asked: the command sees it as DISPATCH_CPUS
 
     @classmethod
     def from_api(cls, data) -> "_Job":
@@ -1294,6 +1514,7 @@ class _Job:
                 working_directory=data.get("workingDirectory"),
                 timeout=float(data.get("timeout") or DEFAULT_JOB_TIMEOUT_SECONDS),
                 attempt=int(data.get("attempt") or 1),
+                cpus=int(data.get("cpus") or 1),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ServerUnavailable(f"get-job answered with an unusable job ({err})") from None
@@ -1325,6 +1546,7 @@ class Agent:
 
     def __init__(self, config: Config):
         self.config = config
+        self._job_user = _JobUser.lookup(config.run_as) if config.run_as else None
         self._work_dir = config.work_dir
         self._jobs_dir = config.work_dir / "jobs"
         self._cache = _DownloadCache(config.work_dir / "cache")
@@ -1353,14 +1575,26 @@ class Agent:
 
     def prepare(self) -> None:
         """Set up the work dir: lock it, kill what an earlier run left, load the saved worker token
-        and the results still waiting for the server."""
-        self._work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # other users have no business here
+        and the results still waiting for the server.
+
+        Only the agent's own account may read the work dir. With --run-as, the job user may pass
+        through it and through the jobs dir (mode 0711) to its job's directory, but list neither;
+        AgentError if a directory above the work dir stops it.
+        """
+        passable = 0o700 if self._job_user is None else 0o711
+        _private_dir(self._work_dir, passable)
+        if self._job_user is not None:
+            blocked = self._job_user.blocked_on_the_way_to(self._work_dir.resolve())
+            if blocked is not None:
+                name = self._job_user.name
+                raise AgentError(f"--run-as {name}: {name} may not pass through {blocked} to reach the work dir; "
+                                 f"choose a --work-dir it can reach, such as /var/lib/dispatch-agent")
         self._work_dir_lock = _lock_work_dir(self._work_dir)
         killed = _kill_marked(self._marker_prefix)
         if killed:
             log.info("killed %d process(es) left behind by an earlier run of this agent", killed)
         shutil.rmtree(self._jobs_dir, ignore_errors=True)
-        self._jobs_dir.mkdir(exist_ok=True)  # exist_ok: a leftover that could not be deleted
+        _private_dir(self._jobs_dir, passable)
         self._cache.clean()
         self._spool.load()
         self._link.load_token()
@@ -1383,8 +1617,9 @@ class Agent:
         self.prepare()
         cfg = self.config
         log.info(
-            "dispatch agent %s: worker %s, server %s, %d slot(s), tags %s, work dir %s",
+            "dispatch agent %s: worker %s, server %s, %d slot(s), tags %s, work dir %s%s",
             __version__, cfg.worker_id, cfg.server, cfg.concurrency, ",".join(cfg.tags) or "-", cfg.work_dir,
+            f", jobs run as {cfg.run_as}" if cfg.run_as else "",
         )
         threading.Thread(target=self._link.heartbeat_loop, args=(self._stopped,), name="heartbeat",
                          daemon=True).start()
@@ -1444,6 +1679,7 @@ class Agent:
                 "runningJobs": sorted(held),
                 "run": self._run_id,
                 "polled": polled,
+                **self.config.offers,  # a saved token skips registering: flags changed since reach the server here
             }
 
     def _claim_job(self) -> Optional[_Job]:
@@ -1554,17 +1790,23 @@ class Agent:
 
     def _execute(self, job: _Job) -> JobResult:
         job_dir = self._jobs_dir / job.key
+        user = self._job_user
         shutil.rmtree(job_dir, ignore_errors=True)
         try:
-            job_dir.mkdir(parents=True)
+            job_dir.mkdir(mode=0o700, parents=True)
             self._fetch_input(job, job_dir)
             cwd = _working_dir(job_dir, job.working_directory)
+            if user is not None:
+                user.give(job_dir)  # only once extracted: the job's user never touches a tree being written
         except (JobSetupError, OSError) as err:  # OSError: e.g. a full disk
             return _setup_failure(str(err))
         marker = f"{self._marker_prefix}{job.key}/"
         env = dict(os.environ)
-        env.pop("DISPATCH_REGISTRATION_TOKEN", None)  # a job must not be able to register workers
-        env.update(DISPATCH_JOB_ID=job.job_id, DISPATCH_WORKER_ID=self.config.worker_id, **{MARKER_ENV: marker})
+        env.pop(TOKEN_ENV, None)  # a job must not be able to register workers
+        env.update(DISPATCH_JOB_ID=job.job_id, DISPATCH_WORKER_ID=self.config.worker_id, DISPATCH_CPUS=str(job.cpus),
+                   **{MARKER_ENV: marker})
+        if user is not None:
+            env.update(user.environ(job_dir.resolve()))
         started = time.monotonic()
         try:
             return run_job(
@@ -1575,9 +1817,13 @@ class Agent:
                 timeout=job.timeout,
                 send_output=functools.partial(self._send_output, job, started),
                 halt=self._halt,
+                user=user,
             )
         except OSError as err:  # the shell itself could not start
             return _setup_failure(f"could not start the command: {err}")
+        finally:
+            if user is not None:
+                user.take_back(job_dir)  # the next job, run as the same user, cannot read this one's files
 
     def _fetch_input(self, job: _Job, job_dir: Path) -> None:
         if not job.file_url:
@@ -1605,9 +1851,44 @@ class Agent:
 # === main ===
 
 
+def _restart_without_token() -> None:
+    """If the registration token is in this process's environment, start this program again
+    without it there, handing it over through a pipe instead; return only if it is not there.
+
+    Any process of the same user reads /proc/<pid>/environ (macOS: `ps -E`), and that keeps a
+    process's first environment for life: deleting the variable later would not hide it from a job.
+    Not on Windows, where os.exec* starts a new process rather than replacing this one.
+    """
+    token = os.environ.get(TOKEN_ENV)
+    if token is None or _WINDOWS:
+        return
+    read_end, write_end = os.pipe()
+    os.write(write_end, token.encode())  # a token is far smaller than a pipe's buffer: this never blocks
+    os.close(write_end)
+    os.set_inheritable(read_end, True)
+    env = {name: value for name, value in os.environ.items() if name != TOKEN_ENV}
+    env[TOKEN_FD_ENV] = str(read_end)
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]  # orig_argv keeps -u, -X ... (3.10+)
+    os.execve(sys.executable, argv, env)
+
+
+def _environ_with_handed_token() -> dict:
+    """The environment to read settings from: os.environ, plus the token _restart_without_token()
+    handed over. Neither variable stays in os.environ, which jobs inherit."""
+    environ = dict(os.environ)
+    fd = os.environ.pop(TOKEN_FD_ENV, None)
+    if fd is not None:
+        with open(int(fd), "rb") as pipe:
+            environ[TOKEN_ENV] = pipe.read().decode()
+        del environ[TOKEN_FD_ENV]
+    # Windows: a job of the same account reads the agent's current environment block (not its first).
+    os.environ.pop(TOKEN_ENV, None)
+    return environ
+
+
 def main(argv: Optional[list] = None) -> int:
     """Run the agent from the command line; the process exit status."""
-    config = parse_config(argv)
+    config = parse_config(argv, _environ_with_handed_token())
     logging.basicConfig(
         level=logging.DEBUG if config.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
@@ -1630,5 +1911,6 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
+    _restart_without_token()
     sys.exit(main())
 

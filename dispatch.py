@@ -15,11 +15,13 @@ middleware, handlers named ``*_view``), app, CLI.
 
 Endpoints (the route table in ``create_app`` is the index):
   POST /api/auth/login, /api/auth/logout, /api/auth/refresh; GET /api/auth/me
+  GET/POST /api/auth/tokens, DELETE /api/auth/tokens/{id}                  (personal API tokens)
   GET/POST /api/users, DELETE /api/users/{id}                               (admin)
   POST /api/workers/register, /api/workers/heartbeat
   GET /api/workers/list, /api/workers/{id}; DELETE /api/workers/{id}
-  POST /api/jobs/submit, /api/jobs/cancel; GET /api/jobs/status, /api/jobs/list
-  GET /api/jobs/stream (WebSocket)
+  POST /api/workers/approve, /api/workers/registration-token                (admin)
+  POST /api/jobs/submit (one job, or a batch: {"jobs": [...]}), /api/jobs/cancel
+  GET /api/jobs/status, /api/jobs/list, /api/jobs/stream (WebSocket)
   GET /api/jobs/get-job; POST /api/jobs/stream-output, /api/jobs/submit-result    (workers)
   POST /api/files/upload; GET /api/files/download/{fileId}, /uploads/{fileId}/{name}
   GET / (the web page), /api/health, /metrics
@@ -32,10 +34,11 @@ __all__ = ["Clock", "Config", "DispatchError", "JobState", "Jobs", "Store", "cre
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
-import functools
 import datetime as dt
+import errno
 import getpass
 import hashlib
 import hmac
@@ -47,6 +50,7 @@ import mimetypes
 import os
 import re
 import secrets
+import shutil
 import socket
 import sqlite3
 import sys
@@ -68,6 +72,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 log = logging.getLogger("dispatch")
 access_log = logging.getLogger("dispatch.access")
+server_log = logging.getLogger("dispatch.server")  # what aiohttp says about connections (create_app)
 
 
 # === Constants ===
@@ -79,10 +84,15 @@ PAGE_PATH = Path(__file__).with_name("dispatch.html")
 PAGE_SECURITY_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
                         "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
                         "form-action 'self'")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 TOKEN_LIFETIME = dt.timedelta(hours=24)
 REFRESH_GRACE = dt.timedelta(days=7)  # an expired token may still be refreshed this long
+API_TOKEN_PREFIX = "dsp_"  # personal API tokens: told apart from JWTs and registration tokens at a glance
+API_TOKEN_DEFAULT_DAYS = 90
+API_TOKEN_MAX_DAYS = 3650
+MAX_PASSWORD_BYTES = 72  # bcrypt reads no more, and refuses more
+MAX_FILENAME_BYTES = 200  # an upload's name on disk, under the 255 bytes filesystems allow
 MAX_LONG_POLL_SECONDS = 60
 MAX_JOB_TIMEOUT = 7 * 24 * 3600
 MAX_COMMAND_BYTES = 64 * 1024
@@ -90,9 +100,12 @@ MAX_TAGS = 32
 MAX_TAG_LENGTH = 64
 MAX_ATTEMPTS_LIMIT = 10
 MAX_RETRIES = 10
+MAX_BATCH_JOBS = 1000  # items of one batch submit
+MAX_PARENTS = 1000  # ids in one job's `after`
+AHEAD_COUNT_LIMIT = 1000  # "N jobs ahead" counts no further, so the estimate never walks a long queue
 EXIT_TIMEOUT = 124  # a timed-out attempt's exit code, as coreutils `timeout` (the agent uses it too)
 MAX_REQUEST_BODY = 32 * 1024 * 1024  # JSON bodies: output chunks and results
-WS_QUEUE_LIMIT = 1000  # events a WebSocket client may fall behind before it is dropped
+WS_BACKLOG_BYTES = 4 * 1024 * 1024  # unsent events a WebSocket client may fall behind by before it is closed
 SWEEP_INTERVAL = 60.0
 CREDENTIAL_PATHS = ("/api/", "/uploads/")  # other paths (the page, /metrics) take no user or worker credentials
 LOGIN_PATH, REFRESH_PATH = "/api/auth/login", "/api/auth/refresh"
@@ -112,7 +125,32 @@ class JobState(str, Enum):
     CANCELLED = "cancelled"
 
 
+class WorkerState(str, Enum):
+    """Whether a worker may take jobs (beside its ``status``: online, offline, error)."""
+
+    AVAILABLE = "available"
+    PENDING = "pending"  # registered, waiting for an admin's approval
+
+
 PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
+
+
+class Resource(NamedTuple):
+    """Something a job asks of the worker that runs it, and a worker offers the farm."""
+
+    field: str  # its API name, on submit and in worker JSON
+    column: str  # in jobs and in workers
+    default: int  # a job's when it says nothing
+    minimum: int
+    maximum: int
+    unit: str  # "needs 8 cpus", "needs 4096 MB of memory"
+
+
+RESOURCES = (
+    Resource("cpus", "cpus", 1, 1, 4096, "cpus"),
+    Resource("memoryMb", "memory_mb", 0, 0, 2**30, "MB of memory"),
+    Resource("gpus", "gpus", 0, 0, 256, "gpus"),
+)
 
 # Sort keys of the list endpoints: the whitelist and its SQL column in one table.
 JOB_SORT_COLUMNS = {
@@ -144,6 +182,10 @@ class Clock:
 def _iso(moment: dt.datetime) -> str:
     """ISO 8601 UTC with milliseconds, the one timestamp format of the API and the database."""
     return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _parse_iso(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def _new_id(prefix: str) -> str:
@@ -233,6 +275,13 @@ def _invalid_field(field: str, message: str) -> InvalidRequest:
     return InvalidRequest(message, details={"field": field})
 
 
+def _invalid_item(index: Optional[int], field: str, message: str) -> InvalidRequest:
+    """A bad field of a submitted job; in a batch (``index`` not None) the error names the item too."""
+    if index is None:
+        return _invalid_field(field, message)
+    return InvalidRequest(f"jobs[{index}]: {message}", details={"index": index, "field": field})
+
+
 # === Configuration ===
 
 
@@ -247,6 +296,16 @@ class Setting(NamedTuple):
     help: str
 
 
+def _parse_setting(kind: type, raw: str) -> Any:
+    """A setting's value from its text in the environment; ValueError if it is not one. A switch
+    is 0 or 1 (``bool("0")`` would be true)."""
+    if kind is bool:
+        if raw not in ("0", "1"):
+            raise ValueError(raw)
+        return raw == "1"
+    return kind(raw)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "--host", "DISPATCH_HOST", str, "0.0.0.0", "address to listen on (a LAN box must be reachable)"),
     Setting("port", "--port", "DISPATCH_PORT", int, 3000, "port to listen on"),
@@ -257,6 +316,10 @@ SETTINGS: tuple[Setting, ...] = (
             "first admin's password (random and printed once if unset)"),
     Setting("registration_token", None, "DISPATCH_REGISTRATION_TOKEN", str, "",
             "token agents register with (generated once into the data dir if unset)"),
+    Setting("approve_workers", None, "DISPATCH_APPROVE_WORKERS", bool, False,
+            "1: a newly registered worker is pending (gets no job) until an admin approves it"),
+    Setting("open_registration", None, "DISPATCH_OPEN_REGISTRATION", bool, False,
+            "1: registering needs no token, as in the API contract; approval is then always on"),
     Setting("rate_limit", None, "DISPATCH_RATE_LIMIT", int, 100,
             "requests per minute per user or IP; 0 turns limiting off"),
     Setting("worker_rate_limit", None, "DISPATCH_WORKER_RATE_LIMIT", int, 6000,
@@ -290,6 +353,8 @@ class Config:
     admin_email: str = "admin@localhost"
     admin_password: str = ""
     registration_token: str = ""
+    approve_workers: bool = False
+    open_registration: bool = False
     rate_limit: int = 100
     worker_rate_limit: int = 6000
     max_upload_mb: int = 500
@@ -314,15 +379,21 @@ class Config:
             raw = environ.get(setting.env)
             if raw not in (None, ""):
                 try:
-                    values[setting.field] = setting.kind(raw)
+                    values[setting.field] = _parse_setting(setting.kind, raw)
                 except ValueError:
-                    raise SystemExit(f"{setting.env}={raw!r} is not a valid {setting.kind.__name__}")
+                    raise SystemExit(f"{setting.env}={raw!r} is not a valid {setting.kind.__name__}"
+                                     + (" (0 or 1)" if setting.kind is bool else ""))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def approval_required(self) -> bool:
+        """New workers wait for an admin's approval: asked for, or implied by open registration."""
+        return self.approve_workers or self.open_registration
 
     @property
     def cors_origin_list(self) -> list[str]:
@@ -355,6 +426,18 @@ def _read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(value)
     return value
+
+
+def _replace_secret(path: Path, value: str) -> None:
+    """Put a new secret in place of the old one, mode 0600: on disk before this returns, and never
+    half-written (a crash leaves the old one or the new one)."""
+    staged = path.with_name(f".{path.name}.new")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staged, path)
 
 
 # === Rate limiter ===
@@ -403,9 +486,9 @@ class Store:
         self._conn = conn
         self._clock = clock
         # Worker tokens are asked about on every worker call and change only when a worker is
-        # deleted, so they are kept in memory; a lookup that raced a delete is not kept.
+        # deleted or changes state, so they are kept in memory; a lookup that raced a change is not kept.
         self._workers_by_token: dict[str, dict] = {}
-        self._worker_deletions = 0
+        self._worker_changes = 0
 
     @classmethod
     async def open(cls, path: Path, clock: Optional[Clock] = None) -> "Store":
@@ -466,6 +549,8 @@ class Store:
         if rows:
             ids = json.dumps([row["id"] for row in rows])
             await self._write("DELETE FROM job_output WHERE job_id IN (SELECT value FROM json_each(?))", (ids,))
+            await self._write("DELETE FROM job_parents WHERE parent_id IN (SELECT value FROM json_each(:ids))"
+                              " OR child_id IN (SELECT value FROM json_each(:ids))", {"ids": ids})
             await self._write("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
         return len(rows)
 
@@ -485,6 +570,12 @@ class Store:
     async def user_by_email(self, email: str) -> dict | None:
         return await self._one("SELECT * FROM users WHERE email = ?", (email,))
 
+    async def highest_password_cost(self) -> int | None:
+        """The highest bcrypt cost among the stored hashes ("$2b$12$..." costs 12), whoever wrote
+        them: the server or ``user add`` with other settings."""
+        row = await self._one("SELECT MAX(CAST(substr(password_hash, 5, 2) AS INTEGER)) AS cost FROM users")
+        return row["cost"]
+
     async def user_for_token(self, user_id: str, jti: str) -> dict | None:
         """The token's user with a ``revoked`` flag, in one query (this runs on every request)."""
         return await self._one(
@@ -494,11 +585,38 @@ class Store:
     async def list_users(self) -> list[dict]:
         return await self._all("SELECT id, email, role, created_at FROM users ORDER BY created_at, id")
 
+    async def set_password_hash(self, email: str, password_hash: str) -> bool:
+        return await self._write("UPDATE users SET password_hash = ? WHERE email = ?", (password_hash, email)) > 0
+
     async def delete_user(self, user_id: str) -> bool:
+        await self._write("DELETE FROM api_tokens WHERE user_id = ?", (user_id,))  # first: never an orphan
         return await self._write("DELETE FROM users WHERE id = ?", (user_id,)) > 0
 
-    async def revoke_token(self, jti: str, expires_at: int) -> None:
-        await self._write("INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?, ?)", (jti, expires_at))
+    async def revoke_token(self, jti: str, token_exp: int) -> bool:
+        """Revoke a JWT; False if it already was (one statement, so of two racing revocations
+        exactly one wins). It is kept as long as a refresh could still use the token."""
+        keep_until = token_exp + int(REFRESH_GRACE.total_seconds())
+        return await self._write("INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?, ?)",
+                                 (jti, keep_until)) > 0
+
+    # -- personal API tokens -------------------------------------------------
+
+    async def insert_api_token(self, record: dict) -> None:
+        await self._write("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at, expires_at)"
+                          " VALUES (:id, :user_id, :name, :token_hash, :created_at, :expires_at)", record)
+
+    async def api_tokens_of(self, user_id: str) -> list[dict]:
+        return await self._all("SELECT id, name, created_at, expires_at FROM api_tokens WHERE user_id = ?"
+                               " ORDER BY created_at, id", (user_id,))
+
+    async def user_for_api_token(self, token_hash: str) -> dict | None:
+        """The token's user, with the token's id and expiry (this runs on every request made with one)."""
+        return await self._one(
+            "SELECT u.id, u.email, u.role, t.id AS token_id, t.expires_at FROM api_tokens t"
+            " JOIN users u ON u.id = t.user_id WHERE t.token_hash = ?", (token_hash,))
+
+    async def delete_api_token(self, user_id: str, token_id: str) -> bool:
+        return await self._write("DELETE FROM api_tokens WHERE id = ? AND user_id = ?", (token_id, user_id)) > 0
 
     async def purge_revoked_tokens(self, before: int) -> None:
         await self._write("DELETE FROM revoked_tokens WHERE expires_at < ?", (before,))
@@ -509,7 +627,7 @@ class Store:
     # older than the cutoff, its current job the one it holds.
     _WORKER_VIEW = """
         SELECT w.id, w.hostname, w.cpu_count, w.total_memory_mb, w.metadata, w.tags, w.reported_status,
-               w.jobs_completed, w.registered_at, w.last_heartbeat,
+               w.jobs_completed, w.registered_at, w.last_heartbeat, w.state, w.cpus, w.memory_mb, w.gpus,
                CASE WHEN w.last_heartbeat < :cutoff THEN 'offline'
                     WHEN w.reported_status = 'error' THEN 'error'
                     ELSE 'online' END AS status,
@@ -522,9 +640,10 @@ class Store:
         now = self._clock.iso()
         try:
             await self._write(
-                "INSERT INTO workers (id, token_hash, hostname, cpu_count, total_memory_mb, metadata, tags,"
-                " registered_at, last_heartbeat) VALUES (:id, :token_hash, :hostname, :cpu_count,"
-                " :total_memory_mb, :metadata, :tags, :now, :now)", {**worker, "now": now})
+                "INSERT INTO workers (id, token_hash, hostname, cpu_count, total_memory_mb, metadata, tags, state,"
+                " cpus, memory_mb, gpus, registered_at, last_heartbeat) VALUES (:id, :token_hash, :hostname,"
+                " :cpu_count, :total_memory_mb, :metadata, :tags, :state, :cpus, :memory_mb, :gpus, :now, :now)",
+                {**worker, "now": now})
         except aiosqlite.IntegrityError:
             raise Conflict("Worker already registered", code="WORKER_EXISTS") from None
         return now
@@ -532,11 +651,16 @@ class Store:
     async def worker_by_token_hash(self, token_hash: str) -> dict | None:
         worker = self._workers_by_token.get(token_hash)
         if worker is None:
-            deletions = self._worker_deletions
-            worker = await self._one("SELECT id, tags FROM workers WHERE token_hash = ?", (token_hash,))
-            if worker is not None and deletions == self._worker_deletions:
+            changes = self._worker_changes
+            worker = await self._one("SELECT id, tags, state FROM workers WHERE token_hash = ?", (token_hash,))
+            if worker is not None and changes == self._worker_changes:
                 self._workers_by_token[token_hash] = worker
         return worker
+
+    def _forget_worker(self, worker_id: str) -> None:
+        """Drop the worker from the token cache; a lookup already on its way is not kept."""
+        self._worker_changes += 1
+        self._workers_by_token = {h: w for h, w in self._workers_by_token.items() if w["id"] != worker_id}
 
     async def worker_by_id(self, worker_id: str, cutoff: str) -> dict | None:
         return await self._one(f"SELECT * FROM ({self._WORKER_VIEW}) WHERE id = :id",
@@ -553,19 +677,29 @@ class Store:
         rows = await self._all(f"SELECT * {base} ORDER BY {order} LIMIT :limit OFFSET :offset", params)
         return total, rows
 
-    async def record_heartbeat(self, worker_id: str, status: str, jobs_completed: int | None) -> str:
-        """Note that the worker is alive; returns the time noted."""
+    async def record_heartbeat(self, worker_id: str, status: str, jobs_completed: int | None, offers: dict) -> str:
+        """Note that the worker is alive, and what it offers now ({column: amount}, None: as before);
+        returns the time noted."""
         now = self._clock.iso()
         await self._write(
-            "UPDATE workers SET last_heartbeat = ?, reported_status = ?,"
-            " jobs_completed = COALESCE(?, jobs_completed) WHERE id = ?", (now, status, jobs_completed, worker_id))
+            "UPDATE workers SET last_heartbeat = :now, reported_status = :status,"
+            " jobs_completed = COALESCE(:jobs_completed, jobs_completed), cpus = COALESCE(:cpus, cpus),"
+            " memory_mb = COALESCE(:memory_mb, memory_mb), gpus = COALESCE(:gpus, gpus) WHERE id = :id",
+            {**offers, "now": now, "status": status, "jobs_completed": jobs_completed, "id": worker_id})
         return now
 
     async def delete_worker(self, worker_id: str) -> bool:
         deleted = await self._write("DELETE FROM workers WHERE id = ?", (worker_id,)) > 0
-        self._worker_deletions += 1
-        self._workers_by_token = {h: w for h, w in self._workers_by_token.items() if w["id"] != worker_id}
+        self._forget_worker(worker_id)
         return deleted
+
+    async def change_worker_state(self, worker_id: str, old: str, new: str) -> str | None:
+        """Move the worker from state ``old`` to ``new`` (any other state stays); returns its state
+        afterwards, None if there is no such worker."""
+        row = await self._one("UPDATE workers SET state = CASE WHEN state = ? THEN ? ELSE state END WHERE id = ?"
+                              " RETURNING state", (old, new, worker_id))
+        self._forget_worker(worker_id)
+        return row and row["state"]
 
     # -- files ---------------------------------------------------------------
 
@@ -590,27 +724,81 @@ class Store:
 
     # -- jobs ----------------------------------------------------------------
 
-    async def insert_job(self, job: dict) -> dict:
-        return await self._one(
-            "INSERT INTO jobs (id, seq, command, file_id, file_name, file_sha256, working_directory, timeout,"
-            " priority, priority_rank, tags, max_attempts, retries, status, submitted_by, created_at)"
-            " VALUES (:id, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs), :command, :file_id, :file_name,"
-            " :file_sha256, :working_directory, :timeout, :priority, :priority_rank, :tags, :max_attempts,"
-            " :retries, 'queued', :submitted_by, :now) RETURNING *", {**job, "now": self._clock.iso()})
+    # What a submit says about each job; the insert adds seq, status, created_at and parents_left.
+    _SUBMITTED = ("id", "command", "file_id", "file_name", "file_sha256", "working_directory", "timeout", "priority",
+                  "priority_rank", "tags", "max_attempts", "retries", "cpus", "memory_mb", "gpus", "after",
+                  "submitted_by")
 
-    async def queue_estimate(self, job_id: str, cutoff: str) -> dict:
-        """Jobs queued ahead of ``job_id``, recent mean run time, and online workers, in one query."""
+    async def insert_jobs(self, jobs: list[dict]) -> list[dict]:
+        """Queue jobs in the given order, all or none: one statement. Each counts its parents not
+        completed yet; the schema's triggers record its parents and count them down as they complete."""
+        rows = await self._all(
+            f"""INSERT INTO jobs ({', '.join(self._SUBMITTED)}, seq, status, created_at, parents_left)
+                SELECT {', '.join(f"json_extract(item.value, '$.{c}')" for c in self._SUBMITTED)},
+                       (SELECT COALESCE(MAX(seq), 0) FROM jobs) + 1 + item.key, 'queued', :now,
+                       (SELECT COUNT(*) FROM json_each(json_extract(item.value, '$.after')) parent
+                         WHERE NOT EXISTS (SELECT 1 FROM jobs p WHERE p.id = parent.value AND p.status = 'completed'))
+                FROM json_each(:jobs) item RETURNING *""",
+            {"jobs": json.dumps([{c: job[c] for c in self._SUBMITTED} for job in jobs]), "now": self._clock.iso()})
+        return sorted(rows, key=lambda row: row["seq"])
+
+    async def jobs_by_ids(self, job_ids: list[str]) -> list[dict]:
+        return await self._all("SELECT * FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
+                               (json.dumps(job_ids),))
+
+    async def queued_children(self, parent_id: str) -> list[dict]:
+        """The queued jobs that wait for ``parent_id`` (among others, maybe)."""
+        return await self._all("SELECT c.* FROM job_parents e JOIN jobs c ON c.id = e.child_id"
+                               " WHERE e.parent_id = ? AND c.status = 'queued' ORDER BY c.seq", (parent_id,))
+
+    async def children_ids(self, parent_id: str, limit: int) -> list[str]:
+        rows = await self._all("SELECT c.id FROM job_parents e JOIN jobs c ON c.id = e.child_id WHERE e.parent_id = ?"
+                               " ORDER BY c.seq LIMIT ?", (parent_id, limit))
+        return [row["id"] for row in rows]
+
+    async def parents_not_completed(self, child_ids: list[str]) -> list[dict]:
+        """The parents of these jobs that have not completed (yet), oldest first."""
+        return await self._all(
+            "SELECT DISTINCT p.* FROM job_parents e JOIN jobs p ON p.id = e.parent_id"
+            " WHERE e.child_id IN (SELECT value FROM json_each(?)) AND p.status != 'completed' ORDER BY p.seq",
+            (json.dumps(child_ids),))
+
+    # The people with claimable jobs, one index seek each: a loose scan of jobs_ready.
+    _OWNERS = """owners(id) AS (
+          SELECT MIN(submitted_by) FROM jobs WHERE status = 'queued' AND parents_left = 0
+          UNION ALL
+          SELECT (SELECT MIN(submitted_by) FROM jobs
+                   WHERE status = 'queued' AND parents_left = 0 AND submitted_by > owners.id)
+          FROM owners WHERE owners.id IS NOT NULL)"""
+
+    async def queue_estimate(self, job: dict, limit: int) -> dict:
+        """About how many claimable jobs the claim will hand out before ``job`` (priority first, then
+        fair share: each other person about as many of the same priority as this person has ahead
+        of it), counted up to about ``limit`` each; running jobs; the recent mean run time."""
         return await self._one(
-            """SELECT
-                 (SELECT COUNT(*) FROM jobs q, jobs me WHERE me.id = :id AND q.status = 'queued'
-                    AND (q.priority_rank > me.priority_rank
-                         OR (q.priority_rank = me.priority_rank AND q.seq < me.seq))) AS ahead,
-                 (SELECT COUNT(*) FROM jobs WHERE status = 'running') AS running,
-                 (SELECT AVG((julianday(completed_at) - julianday(started_at)) * 86400) FROM
-                    (SELECT started_at, completed_at FROM jobs WHERE status IN ('completed', 'failed')
-                       AND started_at IS NOT NULL ORDER BY seq DESC LIMIT 50)) AS mean_run,
-                 (SELECT COUNT(*) FROM workers WHERE last_heartbeat >= :cutoff) AS online""",
-            {"id": job_id, "cutoff": cutoff})
+            f"""WITH RECURSIVE {self._OWNERS},
+                  mine AS (SELECT COUNT(*) AS n FROM (SELECT 1 FROM jobs j WHERE j.status = 'queued'
+                             AND j.parents_left = 0 AND j.submitted_by = :owner AND j.priority_rank = :rank
+                             AND j.seq < :seq LIMIT :limit)),
+                  per_owner AS (SELECT
+                      (SELECT COUNT(*) FROM (SELECT 1 FROM jobs j WHERE j.status = 'queued' AND j.parents_left = 0
+                         AND j.submitted_by = owners.id AND j.priority_rank > :rank LIMIT :limit)) AS higher,
+                      (SELECT COUNT(*) FROM (SELECT 1 FROM jobs j WHERE j.status = 'queued' AND j.parents_left = 0
+                         AND j.submitted_by = owners.id AND j.priority_rank = :rank
+                         AND (owners.id != :owner OR j.seq < :seq) LIMIT (SELECT n + 1 FROM mine))) AS same
+                    FROM owners WHERE owners.id IS NOT NULL)
+                SELECT (SELECT COALESCE(SUM(higher + same), 0) FROM per_owner) AS ahead,
+                       (SELECT COUNT(*) FROM jobs WHERE status = 'running') AS running,
+                       (SELECT AVG((julianday(completed_at) - julianday(started_at)) * 86400) FROM
+                          (SELECT status, started_at, completed_at FROM jobs WHERE completed_at IS NOT NULL
+                           ORDER BY completed_at DESC LIMIT 50)  -- the newest 50 by jobs_finished, not a scan
+                        WHERE status IN ('completed', 'failed') AND started_at IS NOT NULL) AS mean_run""",
+            {"owner": job["submitted_by"], "rank": job["priority_rank"], "seq": job["seq"], "limit": limit})
+
+    async def online_workers(self, cutoff: str) -> list[dict]:
+        """Workers heard from since ``cutoff``: their tags, state and offers."""
+        return await self._all("SELECT id, tags, state, cpus, memory_mb, gpus FROM workers WHERE last_heartbeat >= ?"
+                               " ORDER BY id", (cutoff,))
 
     async def job_by_id(self, job_id: str) -> dict | None:
         return await self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -625,18 +813,43 @@ class Store:
         return total, rows
 
     async def claim_next_job(self, worker_id: str, worker_tags: str, run: str | None, poll: int | None) -> dict | None:
-        """Hand the best queued job whose tags the worker has to this worker, as a new attempt,
-        remembering which poll of which agent run asked (see ``unlisted_jobs``). One UPDATE, so
-        two workers polling at once can never both get it."""
+        """Hand the worker, as a new attempt, the best claimable job (its parents completed) whose
+        tags it has and that fits what it has free (what it offers, less what its running jobs
+        asked), remembering which poll of which agent run asked (see ``unlisted_jobs``).
+
+        Best: the highest priority; then the person with the fewest jobs running, then the one
+        served least recently; then the oldest. Each person's first fitting job is found by
+        seeks in jobs_ready, so the cost grows with the number of people, not of queued jobs.
+
+        One UPDATE, so two workers polling at once can never both get a job, nor one worker more
+        than it has room for; and a worker that may not take jobs (pending approval) gets none,
+        whatever its caller believed."""
         return await self._one(
-            """UPDATE jobs SET status = 'running', worker_id = :worker, attempt = attempt + 1, started_at = :now,
-                              command_started_at = NULL, claim_run = :run, claim_poll = :poll,
-                              stdout_chars = 0, stderr_chars = 0
-               WHERE id = (SELECT j.id FROM jobs j WHERE j.status = 'queued'
-                             AND NOT EXISTS (SELECT 1 FROM json_each(j.tags) t
-                                             WHERE t.value NOT IN (SELECT value FROM json_each(:tags)))
-                           ORDER BY j.priority_rank DESC, j.seq LIMIT 1)
-               RETURNING *""",
+            f"""UPDATE jobs SET status = 'running', worker_id = :worker, attempt = attempt + 1, started_at = :now,
+                               command_started_at = NULL, claim_run = :run, claim_poll = :poll,
+                               stdout_chars = 0, stderr_chars = 0
+                WHERE id = (
+                  WITH RECURSIVE {self._OWNERS},
+                    free AS (SELECT w.cpus - COALESCE(SUM(r.cpus), 0) AS cpus,
+                                    w.memory_mb - COALESCE(SUM(r.memory_mb), 0) AS memory_mb,
+                                    w.gpus - COALESCE(SUM(r.gpus), 0) AS gpus
+                             FROM workers w LEFT JOIN jobs r ON r.worker_id = w.id AND r.status = 'running'
+                             WHERE w.id = :worker AND w.state = 'available' GROUP BY w.id),
+                    firsts AS (SELECT (SELECT j.id FROM jobs j, free
+                                        WHERE j.status = 'queued' AND j.parents_left = 0 AND j.submitted_by = owners.id
+                                          AND j.cpus <= free.cpus AND j.memory_mb <= free.memory_mb
+                                          AND j.gpus <= free.gpus
+                                          AND NOT EXISTS (SELECT 1 FROM json_each(j.tags) t
+                                                          WHERE t.value NOT IN (SELECT value FROM json_each(:tags)))
+                                        ORDER BY j.priority_rank DESC, j.seq LIMIT 1) AS id
+                               FROM owners WHERE owners.id IS NOT NULL)
+                  SELECT j.id FROM firsts JOIN jobs j ON j.id = firsts.id
+                  ORDER BY j.priority_rank DESC,
+                           (SELECT COUNT(*) FROM jobs r WHERE r.submitted_by = j.submitted_by AND r.status = 'running'),
+                           (SELECT MAX(s.started_at) FROM jobs s WHERE s.submitted_by = j.submitted_by),
+                           j.seq
+                  LIMIT 1)
+                RETURNING *""",
             {"worker": worker_id, "tags": worker_tags, "now": self._clock.iso(), "run": run, "poll": poll})
 
     async def release_job(self, job: dict) -> None:
@@ -740,6 +953,18 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE jobs ADD COLUMN claim_run TEXT",
         "ALTER TABLE jobs ADD COLUMN claim_poll INTEGER",
         "ALTER TABLE jobs ADD COLUMN command_started_at TEXT"),
+    3: ("ALTER TABLE workers ADD COLUMN state TEXT NOT NULL DEFAULT 'available'"
+        " CHECK (state IN ('available', 'paused', 'pending'))",),  # the new api_tokens table: schema.sql
+    # What jobs ask and workers offer, and dependencies (job_parents, its triggers and indexes: schema.sql).
+    4: ("ALTER TABLE jobs ADD COLUMN cpus INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE jobs ADD COLUMN memory_mb INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN after TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE jobs ADD COLUMN parents_left INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE workers ADD COLUMN cpus INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE workers ADD COLUMN memory_mb INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE workers ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0",
+        "UPDATE workers SET cpus = COALESCE(cpu_count, 1), memory_mb = COALESCE(total_memory_mb, 0)"),
 }
 
 
@@ -749,16 +974,19 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Principal:
-    """Who is calling: a user (by JWT from a header or the cookie) or a worker (by its token)."""
+    """Who is calling: a user (by JWT from a header or the cookie, or by a personal API token) or
+    a worker (by its token)."""
 
     kind: str  # "user" or "worker"
     id: str
     role: str = "worker"  # "admin", "user" or "worker"
     email: str = ""
     via_cookie: bool = False
-    jti: str = ""
+    jti: str = ""  # the JWT's jti, or the API token's id: what a logout or a revocation ends
     exp: int = 0
+    api_token: bool = False
     tags: str = "[]"  # a worker's tags, as stored JSON
+    state: str = WorkerState.AVAILABLE.value  # a worker's
 
     @property
     def is_admin(self) -> bool:
@@ -801,11 +1029,15 @@ async def _check_password(password: str, password_hash: str) -> bool:
     return await asyncio.to_thread(bcrypt.checkpw, password.encode(), password_hash.encode())
 
 
-@functools.cache
-def _dummy_password_hash(rounds: int) -> str:
-    """A hash to check against when the email is unknown, at the cost real hashes have, so an
-    unknown email and a wrong password take the same time."""
-    return bcrypt.hashpw(b"dispatch", bcrypt.gensalt(rounds=rounds)).decode()
+def _dummy_password_hash(cost: int) -> str:
+    """A well-formed hash that no password matches, to check against when the email is unknown:
+    at the cost of the real hashes, it takes as long as a wrong password for a known email."""
+    return bcrypt.gensalt(rounds=cost).decode() + "." * 31  # salt, then a digest no password has
+
+
+def _refuse_long_password(password: str) -> None:
+    if len(password.encode()) > MAX_PASSWORD_BYTES:
+        raise _invalid_field("password", f"password must be at most {MAX_PASSWORD_BYTES} bytes (UTF-8)")
 
 
 async def create_user(store: Store, email: str, password: str, role: str, rounds: int) -> dict:
@@ -814,11 +1046,48 @@ async def create_user(store: Store, email: str, password: str, role: str, rounds
         raise _invalid_field("email", "email must look like name@host")
     if not isinstance(password, str) or len(password) < 8:
         raise _invalid_field("password", "password must be at least 8 characters")
+    _refuse_long_password(password)
     if role not in ("admin", "user"):
         raise _invalid_field("role", "role must be admin or user")
     user = {"id": _new_id("user"), "email": email, "role": role}
     await store.insert_user(user["id"], email, await _hash_password(password, rounds), role)
     return user
+
+
+async def set_password(store: Store, email: str, password: str, rounds: int) -> None:
+    """Give a user a new password (the command line's way back in); NotFound if there is no such user."""
+    if not isinstance(password, str) or len(password) < 8:
+        raise _invalid_field("password", "password must be at least 8 characters")
+    _refuse_long_password(password)
+    if not await store.set_password_hash(email, await _hash_password(password, rounds)):
+        raise NotFound(f"There is no user {email}")
+
+
+class RegistrationToken:
+    """The token agents register with: pinned by DISPATCH_REGISTRATION_TOKEN, or kept in the data
+    dir, where rotating replaces it (the old one stops working at once; registered workers keep
+    their own tokens)."""
+
+    def __init__(self, config: Config):
+        self.pinned = bool(config.registration_token)
+        self._path = config.data_path / "registration_token"
+        self.value = config.registration_token or _read_or_create_secret(self._path, self._new)
+
+    @staticmethod
+    def _new() -> str:
+        return secrets.token_urlsafe(24)
+
+    def matches(self, offered: str) -> bool:
+        return hmac.compare_digest(offered.encode(), self.value.encode())
+
+    def rotate(self) -> str:
+        if self.pinned:
+            raise Conflict("The registration token is set by DISPATCH_REGISTRATION_TOKEN: change it there and "
+                           "restart the server", code="REGISTRATION_TOKEN_PINNED")
+        value = self._new()
+        _replace_secret(self._path, value)
+        self.value = value
+        return value
 
 
 # === Domain: input rules ===
@@ -854,6 +1123,25 @@ def _validate_tags(value: Any, field: str = "tags") -> list[str]:
         raise _invalid_field(field, f"{field} must be a list of at most {MAX_TAGS} non-empty strings "
                                     f"of up to {MAX_TAG_LENGTH} characters")
     return sorted(set(value))
+
+
+def _validate_resources(body: dict, defaults: dict[str, Optional[int]]) -> dict[str, Optional[int]]:
+    """What a body asks (a job) or offers (a worker), by column: whole numbers within each
+    resource's range; ``defaults`` (by column) for what it does not say."""
+    amounts = {}
+    for resource in RESOURCES:
+        amount = _optional_int(body, resource.field, minimum=resource.minimum, maximum=resource.maximum)
+        amounts[resource.column] = defaults[resource.column] if amount is None else amount
+    return amounts
+
+
+def _validate_after(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_PARENTS or not all(
+            isinstance(j, str) and 0 < len(j) <= 128 for j in value):
+        raise _invalid_field("after", f"after must be a list of at most {MAX_PARENTS} job ids")
+    return list(dict.fromkeys(value))
 
 
 def _validate_working_directory(value: Any) -> str | None:
@@ -899,10 +1187,18 @@ def _parse_upload_url(url: Any, allowed_hosts: set[str]) -> tuple[str, str]:
 
 
 def _safe_filename(name: str | None) -> str:
-    """The last path component with control and quote characters removed (never a path)."""
+    """The last path component with control and quote characters removed (never a path), cut to
+    MAX_FILENAME_BYTES of UTF-8 (filesystems count bytes, not characters); a cut keeps the
+    extension, so a .zip stays a .zip."""
     name = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(c for c in name if c.isprintable() and c not in '"<>|:*?').strip(" .")
-    return name[:200] or "upload.bin"
+    if len(name.encode()) > MAX_FILENAME_BYTES:
+        stem, extension = os.path.splitext(name)
+        if len(extension.encode()) > 32:  # a dot somewhere in a long name, not an extension
+            stem, extension = name, ""
+        room = MAX_FILENAME_BYTES - len(extension.encode())
+        name = stem.encode()[:room].decode(errors="ignore").rstrip(" .") + extension
+    return name or "upload.bin"
 
 
 def _file_is_readable_by(principal: Principal, record: dict) -> bool:
@@ -980,16 +1276,22 @@ JOB_FIELDS: dict[str, Callable[[dict], Any]] = {
     "sha256": lambda job: job["file_sha256"],
     "stdoutChars": lambda job: job["stdout_chars"],
     "stderrChars": lambda job: job["stderr_chars"],
+    "cpus": lambda job: job["cpus"],
+    "memoryMb": lambda job: job["memory_mb"],
+    "gpus": lambda job: job["gpus"],
+    "after": lambda job: json.loads(job["after"]),
 }
-# The shapes: a list row, the status answer (plus output), a state event, and what a worker gets.
+# The shapes: a list row, the status answer (plus output, waitingFor and children), a state event,
+# and what a worker gets.
 JOB_SUMMARY = ("jobId", "command", "status", "workerId", "priority", "tags", "createdAt", "startedAt",
                "completedAt", "exitCode", "error")
 JOB_STATUS = JOB_SUMMARY + ("progress", "timeout", "workingDirectory", "attempts", "fileUrl",
-                            "stdoutChars", "stderrChars")
+                            "stdoutChars", "stderrChars", "cpus", "memoryMb", "gpus", "after")
 JOB_EVENT = ("jobId", "status", "command", "workerId", "attempt", "exitCode", "error", "createdAt", "startedAt",
              "completedAt")
 JOB_FOR_WORKER = ("jobId", "command", "fileUrl", "fileId", "sha256", "workingDirectory", "timeout", "attempt",
-                  "tags")
+                  "tags", "cpus")
+CHILDREN_SHOWN = 1000  # children listed in a job's status
 
 # The WebSocket event type that announces each job state.
 STATE_EVENTS = {"queued": "job.queued", "running": "job.started", "completed": "job.completed",
@@ -1017,10 +1319,36 @@ def joined_output(job: dict, parts: dict[tuple[str, str], str]) -> dict[str, str
     return output
 
 
+def workers_that_fit(job: dict, workers: list[dict]) -> tuple[list[dict], Optional[str]]:
+    """The workers (rows with tags and offers) the job fits when idle; when none, why not, in one line."""
+    tags = json.loads(job["tags"])
+    fitting = [w for w in workers if set(tags) <= set(json.loads(w["tags"]))]
+    if not fitting:
+        return [], f"no online worker has tags {', '.join(tags)}" if tags else "no online worker"
+    for resource in RESOURCES:
+        enough = [w for w in fitting if w[resource.column] >= job[resource.column]]
+        if not enough:
+            largest = max(w[resource.column] for w in fitting)
+            return [], f"needs {job[resource.column]} {resource.unit}; the largest online worker offers {largest}"
+        fitting = enough
+    return fitting, None
+
+
+def _not_a_parent(entry: str, status: Optional[str], owner: Principal) -> str:
+    """Why an ``after`` entry (with the status of the job it names, None if none the owner may see)
+    cannot be a parent."""
+    if entry.startswith("#"):
+        return "must name an earlier item of a batch submit"
+    if status is None:
+        return "is not a job" + ("" if owner.is_admin else " of yours")
+    return f"is {status}, so it will never complete"
+
+
 class Jobs:
     """The job life cycle: submit, claim, output, finish, retry, cancel, leases and the sweeps.
     Every change goes through here, is fenced in the database, and is announced to ``events``
-    (an object with ``job_changed(job)`` and ``output(job, stream, data, offset)``)."""
+    (an object with ``job_changed(job)``, ``job_ready(job)`` for a queued job whose last parent
+    completed, and ``output(job, stream, data, offset)``)."""
 
     def __init__(self, store: Store, config: Config, clock: Clock, events: Any):
         self._store = store
@@ -1049,31 +1377,77 @@ class Jobs:
 
     # -- submit and read ------------------------------------------------------
 
-    async def submit(self, owner: Principal, spec: dict) -> dict:
-        """Queue a job. ``spec`` holds checked fields; its input, if any, must be the owner's
-        (or the owner an admin)."""
-        file_id, file_name, file_sha256 = spec.pop("file", None) or (None, None, None)
-        if file_id is not None:
-            record = await self._store.file_by_id(file_id)
-            if record is None or record["name"] != file_name or not _file_is_readable_by(owner, record):
-                raise _invalid_field("fileUrl", "fileUrl names no file you uploaded (or it has expired)")
-            file_sha256 = record["sha256"]
-        job = await self._store.insert_job({
-            **spec, "id": _new_id("job"), "file_id": file_id, "file_name": file_name, "file_sha256": file_sha256,
-            "priority_rank": PRIORITY_RANK[spec["priority"]], "tags": json.dumps(spec["tags"]),
-            "submitted_by": owner.id})
-        self._events.job_changed(job)
-        return job
+    async def submit(self, owner: Principal, specs: list[dict], *, batch: bool = False) -> list[dict]:
+        """Queue jobs in order, all or none. ``specs`` hold checked fields. A job's input, if any,
+        must be the owner's, and so must the jobs it runs after (an admin's may be anyone's); in a
+        batch, ``after`` may name an earlier item as "#<index>", and an error names the item."""
+        ids = [_new_id("job") for _ in specs]
+        parents = await self._resolve_after(owner, specs, ids, batch)
+        inputs = {spec["file"][0]: None for spec in specs if spec["file"]}  # a batch often shares one input
+        for file_id in inputs:
+            inputs[file_id] = await self._store.file_by_id(file_id)
+        rows = []
+        for index, (spec, job_id) in enumerate(zip(specs, ids)):
+            file_id, file_name = spec["file"] or (None, None)
+            record = inputs.get(file_id)
+            if file_id and (record is None or record["name"] != file_name or not _file_is_readable_by(owner, record)):
+                raise _invalid_item(index if batch else None, "fileUrl",
+                                    "fileUrl names no file you uploaded (or it has expired)")
+            rows.append({**spec, "id": job_id, "file_id": file_id, "file_name": file_name,
+                         "file_sha256": record and record["sha256"], "priority_rank": PRIORITY_RANK[spec["priority"]],
+                         "tags": json.dumps(spec["tags"]), "after": json.dumps(parents[index]),
+                         "submitted_by": owner.id})
+        jobs = await self._store.insert_jobs(rows)
+        for job in jobs:
+            self._events.job_changed(job)
+        waiting = [job["id"] for job in jobs if job["parents_left"]]
+        parents_left = await self._store.parents_not_completed(waiting) if waiting else []
+        for parent in parents_left:
+            if parent["status"] in (JobState.FAILED, JobState.CANCELLED):  # it ended since _resolve_after looked
+                await self._cancel_children(parent)
+        return jobs
 
-    async def estimated_wait(self, job: dict) -> int:
-        """Seconds until a worker is likely free for the job: the jobs queued ahead and running,
-        beyond the online workers, at the recent mean run time, shared among those workers."""
-        estimate = await self._store.queue_estimate(job["id"], self.heartbeat_cutoff())
-        workers = max(estimate["online"], 1)
-        waiting_for = estimate["ahead"] + estimate["running"] - workers + 1
-        if waiting_for <= 0:
-            return 0
-        return math.ceil(waiting_for * (estimate["mean_run"] or 0) / workers)
+    async def _resolve_after(self, owner: Principal, specs: list[dict], ids: list[str], batch: bool) -> list[list[str]]:
+        """Each spec's ``after`` as job ids: "#<index>" is an earlier item of the batch, any other id
+        a job the owner may wait for. Parents always exist before their children, so no cycle can form."""
+        named = sorted({entry for spec in specs for entry in spec["after"] if not entry.startswith("#")})
+        allowed = {job["id"]: job["status"] for job in (await self._store.jobs_by_ids(named) if named else ())
+                   if owner.is_admin or job["submitted_by"] == owner.id}
+        resolved = []
+        for index, spec in enumerate(specs):
+            parents = []
+            for entry in spec["after"]:
+                earlier = re.fullmatch(r"#([0-9]{1,4})", entry)
+                if earlier and batch and int(earlier[1]) < index:
+                    parents.append(ids[int(earlier[1])])
+                elif allowed.get(entry) in (JobState.QUEUED, JobState.RUNNING, JobState.COMPLETED):
+                    parents.append(entry)
+                else:
+                    raise _invalid_item(index if batch else None, "after",
+                                        f"after: {entry} {_not_a_parent(entry, allowed.get(entry), owner)}")
+            resolved.append(list(dict.fromkeys(parents)))  # "#1" and "#01" are one parent
+        return resolved
+
+    async def why_waiting(self, job: dict) -> tuple[str, Optional[int]]:
+        """What holds a queued job, in one line, and about how many seconds until it starts (None
+        when no worker can take it now): its parents, then the online workers (tags, offers,
+        state), then the jobs the claim will hand out first, at the recent mean run time, shared
+        among the workers it fits."""
+        if job["parents_left"] and (parents := await self._store.parents_not_completed([job["id"]])):
+            more = f" and {len(parents) - 1} more" if len(parents) > 1 else ""
+            return f"waiting for {parents[0]['id']} ({parents[0]['status']}){more}", None
+        fitting, reason = workers_that_fit(job, await self._store.online_workers(self.heartbeat_cutoff()))
+        if reason:
+            return reason, None
+        available = [w for w in fitting if w["state"] == WorkerState.AVAILABLE]
+        if not available:
+            return f"workers {', '.join(sorted({w['state'] for w in fitting}))}", None
+        estimate = await self._store.queue_estimate(job, AHEAD_COUNT_LIMIT)
+        ahead = min(estimate["ahead"], AHEAD_COUNT_LIMIT)
+        line = (f"{ahead}{'+' if ahead == AHEAD_COUNT_LIMIT else ''} job{'s' if ahead != 1 else ''} ahead"
+                if ahead else "next in line")
+        waiting_for = ahead + estimate["running"] - len(available) + 1
+        return line, max(0, math.ceil(waiting_for * (estimate["mean_run"] or 0) / len(available)))
 
     async def find(self, job_id: str) -> dict:
         job = await self._store.job_by_id(job_id)
@@ -1082,10 +1456,13 @@ class Jobs:
         return job
 
     async def status(self, job_id: str) -> dict:
-        """The status answer's job: its fields and the current attempt's output."""
+        """The status answer's job: its fields, the current attempt's output, what it waits for
+        (queued only) and the jobs that run after it."""
         job = await self.find(job_id)
         output = joined_output(job, await self._store.output_parts(job_id, job["attempt"]))
-        return {**job_json(job, JOB_STATUS), **output}
+        waiting_for = (await self.why_waiting(job))[0] if job["status"] == JobState.QUEUED else None
+        return {**job_json(job, JOB_STATUS), **output, "waitingFor": waiting_for,
+                "children": await self._store.children_ids(job_id, CHILDREN_SHOWN)}
 
     # -- claim -----------------------------------------------------------------
 
@@ -1141,7 +1518,7 @@ class Jobs:
             ended = await self._store.end_attempt(job, decide_outcome(job, Ending.EXITED, exit_code, error))
         if ended is None:  # cancelled or lost between the check and the write
             raise _not_holder()
-        self._events.job_changed(ended)
+        await self._announce_end(ended)
 
     async def cancel(self, principal: Principal, job_id: str) -> None:
         """Cancel a queued or running job (its submitter or an admin). A running job's worker
@@ -1154,14 +1531,15 @@ class Jobs:
             cancelled = await self._store.end_attempt(job, outcome, fence=Store._UNFINISHED)
         if cancelled is None:
             raise Conflict(f"Job already {(await self.find(job_id))['status']}", code="JOB_FINISHED")
-        self._events.job_changed(cancelled)
+        await self._announce_end(cancelled)
 
     async def heartbeat(self, worker: Principal, status: str, jobs_completed: Optional[int],
-                        running: Optional[list[str]], run: Optional[str], polled: Optional[int]) -> str:
-        """A worker is alive (returns the time noted). With ``running`` (the jobs it runs or holds
-        a result for), the jobs it holds but no longer runs go back to the queue, without counting
-        against them."""
-        now = await self._store.record_heartbeat(worker.id, status, jobs_completed)
+                        running: Optional[list[str]], run: Optional[str], polled: Optional[int],
+                        offers: dict[str, Optional[int]]) -> str:
+        """A worker is alive (returns the time noted), and offers this now (by column; None: as
+        before). With ``running`` (the jobs it runs or holds a result for), the jobs it holds but
+        no longer runs go back to the queue, without counting against them."""
+        now = await self._store.record_heartbeat(worker.id, status, jobs_completed, offers)
         if running is not None:
             for job in await self._store.unlisted_jobs(worker.id, running, run, polled):
                 await self._end(job, Ending.RETURNED)
@@ -1181,7 +1559,31 @@ class Jobs:
         async with self._lock(job["id"]):
             ended = await self._store.end_attempt(job, decide_outcome(job, ending))
         if ended is not None:
-            self._events.job_changed(ended)
+            await self._announce_end(ended)
+
+    async def _announce_end(self, job: dict) -> None:
+        """Announce an attempt's end, then what it means for the jobs that run after the job: they
+        may start (it completed; the schema counted their parents down) or never will (it failed
+        or was cancelled)."""
+        self._events.job_changed(job)
+        if job["status"] == JobState.COMPLETED:
+            for child in await self._store.queued_children(job["id"]):
+                if child["parents_left"] == 0:
+                    self._events.job_ready(child)
+        elif job["status"] in (JobState.FAILED, JobState.CANCELLED):
+            await self._cancel_children(job)
+
+    async def _cancel_children(self, parent: dict) -> None:
+        """Cancel the queued jobs that run after ``parent`` (failed or cancelled), and theirs in turn;
+        each one's error names the parent it waited for."""
+        ended = [parent]
+        while ended:
+            parent = ended.pop()
+            for child in await self._store.queued_children(parent["id"]):
+                outcome = decide_outcome(child, Ending.CANCELLED, error=f"parent {parent['id']} {parent['status']}")
+                if cancelled := await self._store.end_attempt(child, outcome, fence=Store._UNFINISHED):
+                    self._events.job_changed(cancelled)
+                    ended.append(cancelled)
 
 
 def _not_holder() -> Conflict:
@@ -1191,83 +1593,156 @@ def _not_holder() -> Conflict:
 
 # === Events: the queue bell, the event hub, metrics ===
 
+class Ring(NamedTuple):
+    """What woke a waiting worker: a job with these tags (None: look anyway), which the workers in
+    ``passed`` were woken for already and had no room for."""
+
+    tags: Optional[list[str]]
+    passed: frozenset = frozenset()
+
+
 class QueueBell:
     """Wakes long-polling workers the moment a job may be for them: one worker per job, the one
     waiting longest among those that have the job's tags, so a thousand idle agents cost one
-    claim per job, not a thousand."""
+    claim per job, not a thousand. A worker woken for a job it has no room for passes it on."""
 
     def __init__(self) -> None:
-        self._waiters: dict[asyncio.Future, frozenset] = {}  # in the order they started waiting
+        # In the order they started waiting: (tags, worker id); tags None: a worker that may take no job yet.
+        self._waiters: dict[asyncio.Future, tuple[Optional[frozenset], str]] = {}
         self.closed = False
 
-    def listen(self, worker_tags: frozenset) -> asyncio.Future:
-        """A future that completes when a job for these tags is announced; its result is the job's
-        tags (None: look anyway). Take it *before* looking at the queue, so a job submitted in
-        between is never missed."""
+    def listen(self, worker_tags: Optional[frozenset], worker_id: str = "") -> asyncio.Future:
+        """A future that completes with a ``Ring`` when a job for these tags is announced. Take it
+        *before* looking at the queue, so a job submitted in between is never missed. A worker
+        that may take no job (pending) listens with None: no job wakes it, only ``wake_held`` or
+        a shutdown."""
         future = asyncio.get_running_loop().create_future()
         if self.closed:
-            future.set_result(None)
+            future.set_result(Ring(None))
         else:
-            self._waiters[future] = worker_tags
+            self._waiters[future] = (worker_tags, worker_id)
         return future
 
     def forget(self, future: asyncio.Future) -> None:
         self._waiters.pop(future, None)
 
-    def ring(self, job_tags: Optional[list[str]]) -> None:
-        """Announce one queued job (None: wake every waiting worker)."""
-        for future, worker_tags in list(self._waiters.items()):
-            if job_tags is None or worker_tags.issuperset(job_tags):
+    def ring(self, job_tags: Optional[list[str]], passed: frozenset = frozenset()) -> None:
+        """Announce one queued job to a worker not in ``passed`` (None: wake every waiting worker)."""
+        for future, (worker_tags, worker_id) in list(self._waiters.items()):
+            if job_tags is None or (worker_tags is not None and worker_id not in passed
+                                    and worker_tags.issuperset(job_tags)):
                 del self._waiters[future]
-                future.set_result(job_tags)
+                future.set_result(Ring(job_tags, passed))
                 if job_tags is not None:
                     return
+
+    def wake_worker(self, worker_id: str) -> None:
+        """Wake the worker's waiting polls: a job of its ended, so it may have room now."""
+        self._wake(lambda worker_tags, waiter: waiter == worker_id)
+
+    def wake_held(self) -> None:
+        """Wake the workers that could take no job, so that they ask again (one was approved)."""
+        self._wake(lambda worker_tags, waiter: worker_tags is None)
+
+    def _wake(self, which: Callable[[Optional[frozenset], str], bool]) -> None:
+        for future in [future for future, waiter in self._waiters.items() if which(*waiter)]:
+            del self._waiters[future]
+            future.set_result(Ring(None))
 
     def close(self) -> None:
         self.closed = True
         self.ring(None)
 
 
+class Feed:
+    """One WebSocket client's events: who it is, the job it watches (None: all of them), and the
+    messages not sent yet, bounded in bytes. Closing it drops that backlog at once."""
+
+    def __init__(self, principal: Principal, job_id: Optional[str], limit: int):
+        self.principal, self.job_id = principal, job_id
+        self._limit = limit
+        self._messages: collections.deque[str] = collections.deque()
+        self.backlog = 0  # bytes of the messages waiting
+        self._ready = asyncio.Event()
+        self.closed_with: Optional[tuple[int, str]] = None  # (WebSocket close code, reason)
+
+    def put(self, message: str) -> bool:
+        """Queue a message; False if the backlog would pass the limit. A client with nothing
+        waiting takes any one message, so one large output chunk alone does not drop it."""
+        if self._messages and self.backlog + len(message) > self._limit:
+            return False
+        self._messages.append(message)
+        self.backlog += len(message)
+        self._ready.set()
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        """Drop what waits, now; the sender closes the WebSocket with this code next."""
+        self._messages.clear()
+        self.backlog = 0
+        self.closed_with = (code, reason)
+        self._ready.set()
+
+    async def next(self) -> Optional[str]:
+        """The next message to send; None once the feed is closed."""
+        while not self._messages and self.closed_with is None:
+            self._ready.clear()
+            await self._ready.wait()
+        if self.closed_with is not None:
+            return None
+        message = self._messages.popleft()
+        self.backlog -= len(message)
+        return message
+
+
 class EventHub:
-    """Fans job events out to WebSocket clients. Each client has a bounded queue of messages; a
-    client that falls too far behind gets None instead (close it), so it never slows the server
-    or the other clients."""
+    """Fans job events out to WebSocket clients, each through its own ``Feed``. A client that falls
+    WS_BACKLOG_BYTES behind is closed and its backlog freed at once, so it never slows the server
+    or the other clients; so is one whose access ends (logout, revoked token, deleted user)."""
 
     def __init__(self) -> None:
-        self._clients: dict[web.WebSocketResponse, tuple[Optional[str], asyncio.Queue]] = {}
+        self._feeds: dict[web.WebSocketResponse, Feed] = {}
 
-    def subscribe(self, ws: web.WebSocketResponse, job_id: Optional[str]) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue(WS_QUEUE_LIMIT)
-        self._clients[ws] = (job_id, queue)
-        return queue
+    def subscribe(self, ws: web.WebSocketResponse, principal: Principal, job_id: Optional[str]) -> Feed:
+        feed = self._feeds[ws] = Feed(principal, job_id, WS_BACKLOG_BYTES)
+        return feed
 
     def unsubscribe(self, ws: web.WebSocketResponse) -> None:
-        self._clients.pop(ws, None)
+        self._feeds.pop(ws, None)
 
     @property
     def client_count(self) -> int:
-        return len(self._clients)
+        return len(self._feeds)
+
+    @property
+    def backlog_bytes(self) -> int:
+        return sum(feed.backlog for feed in self._feeds.values())
 
     def publish(self, event: dict) -> None:
-        if not self._clients:
+        if not self._feeds:
             return
-        message = json.dumps(event)
-        for ws, (job_id, queue) in list(self._clients.items()):
-            if job_id is not None and job_id != event["jobId"]:
+        message = json.dumps(event)  # ASCII (ensure_ascii), so its length is its size in bytes
+        for ws, feed in list(self._feeds.items()):
+            if feed.job_id is not None and feed.job_id != event["jobId"]:
                 continue
-            try:
-                queue.put_nowait(message)
-            except asyncio.QueueFull:
-                log.warning("dropping a WebSocket client that fell %d events behind", WS_QUEUE_LIMIT)
-                self.unsubscribe(ws)
-                while not queue.empty():  # its backlog is freed now, not when it finally goes
-                    queue.get_nowait()
-                queue.put_nowait(None)  # tells the client's sender to close it
+            if not feed.put(message):
+                log.warning("closing a WebSocket client of %s: it fell %d bytes behind",
+                            feed.principal.email, feed.backlog + len(message))
+                self._close(ws, WSCloseCode.TRY_AGAIN_LATER, "too slow")
+
+    def disconnect(self, reason: str, *, user_id: Optional[str] = None, jti: Optional[str] = None) -> None:
+        """Close the WebSockets of a user (deleted) or of one of their tokens (logged out, revoked)."""
+        for ws, feed in list(self._feeds.items()):
+            if feed.principal.id == user_id or feed.principal.jti == jti:
+                self._close(ws, WSCloseCode.POLICY_VIOLATION, reason)
+
+    def _close(self, ws: web.WebSocketResponse, code: int, reason: str) -> None:
+        self._feeds.pop(ws).close(code, reason)
 
     async def close_all(self) -> None:
-        for ws in list(self._clients):
+        for ws in list(self._feeds):
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
-        self._clients.clear()
+        self._feeds.clear()
 
 
 class Metrics:
@@ -1288,6 +1763,8 @@ class Metrics:
                                     registry=registry)
         self.websocket_clients = Gauge("dispatch_websocket_clients", "Connected WebSocket clients",
                                        registry=registry)
+        self.websocket_backlog = Gauge("dispatch_websocket_backlog_bytes",
+                                       "Events not yet sent to WebSocket clients, in bytes", registry=registry)
         self.upload_bytes = Counter("dispatch_upload_bytes", "Bytes received in uploads", registry=registry)
 
     def set_counts(self, counts: dict[str, dict[str, int]]) -> None:
@@ -1299,8 +1776,7 @@ class Metrics:
 
 
 def _seconds_between(start: str, end: str) -> float:
-    parse = dt.datetime.fromisoformat
-    return (parse(end.replace("Z", "+00:00")) - parse(start.replace("Z", "+00:00"))).total_seconds()
+    return (_parse_iso(end) - _parse_iso(start)).total_seconds()
 
 
 class Announcer:
@@ -1314,14 +1790,20 @@ class Announcer:
         self._hub.publish(job_event(job))
         status, where = job["status"], f" on {job['worker_id']}" if job["worker_id"] else ""
         if status == JobState.QUEUED:
-            self._bell.ring(json.loads(job["tags"]))
+            if not job["parents_left"]:
+                self.job_ready(job)
         elif status == JobState.RUNNING:
             self._metrics.job_wait.observe(_seconds_between(job["created_at"], job["started_at"]))
         elif job["started_at"]:
             self._metrics.job_duration.labels(status).observe(_seconds_between(job["started_at"], job["completed_at"]))
+            self._bell.wake_worker(job["worker_id"])  # what the job asked of it is free again
         detail = f"attempt {job['attempt']}" if status == JobState.RUNNING else (
             job["error"] or (f"exit {job['exit_code']}" if job["exit_code"] is not None else ""))
         log.info("job %s %s%s%s", job["id"], status, where, f" ({detail})" if detail else "")
+
+    def job_ready(self, job: dict) -> None:
+        """A queued job may be claimed now: wake a worker for it."""
+        self._bell.ring(json.loads(job["tags"]))
 
     def output(self, job: dict, stream: str, data: str, offset: int) -> None:
         """A chunk of output; ``offset`` is how many characters of the stream came before it, so a
@@ -1332,7 +1814,7 @@ class Announcer:
 
 # === HTTP: app keys, middleware, request helpers ===
 
-# The app's typed state. STORE, TOKENS and JOBS appear once the database is open (_storage_ctx).
+# The app's typed state. STORE, TOKENS, REGISTRATION and JOBS appear once the data dir is open (_storage_ctx).
 CONFIG = web.AppKey("config", Config)
 CLOCK = web.AppKey("clock", Clock)
 STORE = web.AppKey("store", Store)
@@ -1344,6 +1826,7 @@ RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", float)
 UPLOADS_IN_PROGRESS = web.AppKey("uploads_in_progress", set)
+REGISTRATION = web.AppKey("registration", RegistrationToken)
 FIRST_ADMIN = web.AppKey("first_admin", tuple)  # (email, password) of an admin made at this start
 PRINCIPAL = web.RequestKey("principal", object)  # Principal, or None for an anonymous caller
 RATE_HEADERS = web.RequestKey("rate_headers", dict)
@@ -1357,8 +1840,9 @@ async def _in_time(request: web.Request, step: Awaitable) -> Any:
     """One read of a request's body; a client that sends nothing more for DISPATCH_REQUEST_TIMEOUT
     seconds is refused (and its connection closed), so a stalled body cannot hold the server."""
     try:
-        return await asyncio.wait_for(step, request.app[CONFIG].request_timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(request.app[CONFIG].request_timeout):  # not wait_for: it may swallow a cancel
+            return await step
+    except TimeoutError:
         raise RequestTimeout("The request body stopped arriving") from None
 
 
@@ -1372,10 +1856,16 @@ async def _read_body(request: web.Request) -> bytes:
     return b"".join(chunks)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 async def _json_body(request: web.Request) -> dict:
+    raw = await _read_body(request)
     try:
-        body = json.loads(await _read_body(request))
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw)
+        if _SURROGATE_ESCAPE.search(raw):  # "\ud800" alone is no text: SQLite and bcrypt cannot take it
+            json.dumps(body, ensure_ascii=False).encode()
+    except (ValueError, RecursionError):  # RecursionError: nested too deep; UnicodeError is a ValueError
         raise InvalidRequest("Request body must be valid JSON", code="INVALID_JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("Request body must be a JSON object", code="INVALID_JSON")
@@ -1423,17 +1913,19 @@ async def _authenticate(request: web.Request) -> Principal | None:
     app = request.app
     worker_token = request.headers.get("x-worker-token")
     if worker_token is not None:
-        worker = await app[STORE].worker_by_token_hash(_hash_token(worker_token))
+        worker = await app[STORE].worker_by_token_hash(_hash_token(_as_credential(worker_token)))
         if worker is None:
             raise Unauthorized("Invalid worker token", code="INVALID_WORKER_TOKEN")
-        return Principal("worker", worker["id"], tags=worker["tags"])
+        return Principal("worker", worker["id"], tags=worker["tags"], state=worker["state"])
     token, via_cookie = _bearer(request), False
     if token is None and "auth_token" in request.cookies:
-        token, via_cookie = request.cookies["auth_token"], True
+        token, via_cookie = _as_credential(request.cookies["auth_token"]), True
     if token is None:
         return None
-    if hmac.compare_digest(token.encode(), app[CONFIG].registration_token.encode()):
+    if app[REGISTRATION].matches(token):
         return None  # only /workers/register accepts it, and reads it there
+    if token.startswith(API_TOKEN_PREFIX) and not via_cookie:  # a cookie only ever holds a JWT
+        return await _api_token_principal(app, token)
     claims = app[TOKENS].decode(token)
     user = await app[STORE].user_for_token(claims["sub"], claims["jti"])
     if user is None or user["revoked"]:
@@ -1441,10 +1933,44 @@ async def _authenticate(request: web.Request) -> Principal | None:
     return Principal("user", user["id"], user["role"], user["email"], via_cookie, claims["jti"], claims["exp"])
 
 
+async def _api_token_principal(app: web.Application, token: str) -> Principal:
+    found = await app[STORE].user_for_api_token(_hash_token(token))
+    if found is None:
+        raise Unauthorized("Unknown or revoked API token", code="INVALID_TOKEN")
+    expires = _parse_iso(found["expires_at"])
+    if expires <= app[CLOCK].now():
+        raise Unauthorized("API token expired; create a new one", code="TOKEN_EXPIRED")
+    return Principal("user", found["id"], found["role"], found["email"], jti=found["token_id"],
+                     exp=int(expires.timestamp()), api_token=True)
+
+
 def _bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return _as_credential(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _as_credential(text: str) -> str:
+    """Every token dispatch hands out is ASCII: other text is no token (and would not even encode)."""
+    if not text.isascii():
+        raise Unauthorized("Invalid token", code="INVALID_TOKEN")
+    return text
+
+
+class _WithoutRawRequest(logging.Filter):
+    """aiohttp logs a request it cannot parse with the offending bytes and a traceback, and those
+    bytes may be a header holding a token: keep only who sent it and the kind of error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg = f"{record.msg}: {type(error).__name__} (the request is not logged)"
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"  # the client's mistake, not ours
+        return True
+
+
+server_log.addFilter(_WithoutRawRequest())
 
 
 @web.middleware
@@ -1600,9 +2126,13 @@ async def login_view(request: web.Request) -> web.Response:
         raise _invalid_field("email", "email is required")
     if not isinstance(password, str) or not password:
         raise _invalid_field("password", "password is required")
-    user = await request.app[STORE].user_by_email(email)
-    dummy = None if user else await asyncio.to_thread(_dummy_password_hash, request.app[CONFIG].bcrypt_rounds)
-    valid = await _check_password(password, user["password_hash"] if user else dummy)
+    _refuse_long_password(password)
+    store = request.app[STORE]
+    user = await store.user_by_email(email)
+    # An unknown email is checked against a hash as costly as the real ones: both answers take as long.
+    password_hash = user["password_hash"] if user else _dummy_password_hash(
+        await store.highest_password_cost() or request.app[CONFIG].bcrypt_rounds)
+    valid = await _check_password(password, password_hash)
     if user is None or not valid:
         raise InvalidCredentials("Email or password incorrect")
     return _token_response(request, user, {"user": {"id": user["id"], "email": user["email"], "role": user["role"]},
@@ -1618,8 +2148,14 @@ def _token_response(request: web.Request, user: dict, extra: dict) -> web.Respon
 
 
 async def logout_view(request: web.Request) -> web.Response:
+    """End the caller's token (a JWT is revoked, a personal API token deleted) and its WebSockets."""
     principal = _user(request)
-    await request.app[STORE].revoke_token(principal.jti, principal.exp)
+    store = request.app[STORE]
+    if principal.api_token:
+        await store.delete_api_token(principal.id, principal.jti)
+    else:
+        await store.revoke_token(principal.jti, principal.exp)
+    request.app[HUB].disconnect("logged out", jti=principal.jti)
     response = _json({"success": True, "message": "Logged out successfully"})
     response.del_cookie("auth_token", path="/")
     return response
@@ -1630,15 +2166,20 @@ async def refresh_view(request: web.Request) -> web.Response:
     token = _bearer(request)
     if token is None and "auth_token" in request.cookies:
         _refuse_cross_origin_change(request)
-        token = request.cookies["auth_token"]
+        token = _as_credential(request.cookies["auth_token"])
     if token is None:
         raise Unauthorized("Authentication required")
+    if token.startswith(API_TOKEN_PREFIX):
+        raise Unauthorized("A personal API token is not refreshed: create a new one (POST /api/auth/tokens)",
+                           code="API_TOKEN_NOT_REFRESHABLE")
     claims = request.app[TOKENS].decode(token, allow_expired_for=REFRESH_GRACE)
     store = request.app[STORE]
     user = await store.user_for_token(claims["sub"], claims["jti"])
-    if user is None or user["revoked"]:
+    # Revoking is the check: of several refreshes of one token, only the one whose revocation is
+    # written gets a new token.
+    if user is None or not await store.revoke_token(claims["jti"], claims["exp"]):
         raise Unauthorized("Token revoked", code="TOKEN_REVOKED")
-    await store.revoke_token(claims["jti"], claims["exp"] + int(REFRESH_GRACE.total_seconds()))
+    request.app[HUB].disconnect("token refreshed", jti=claims["jti"])
     return _token_response(request, user, {})
 
 
@@ -1673,7 +2214,45 @@ async def delete_user_view(request: web.Request) -> web.Response:
         raise Conflict("You cannot delete yourself", code="SELF_DELETE")
     if not await request.app[STORE].delete_user(user_id):
         raise NotFound("User not found")
+    request.app[HUB].disconnect("user deleted", user_id=user_id)
     return _json({"success": True, "message": "User deleted"})
+
+
+def _api_token_json(row: dict) -> dict:
+    return {"id": row["id"], "name": row["name"], "createdAt": row["created_at"], "expiresAt": row["expires_at"]}
+
+
+async def create_api_token_view(request: web.Request) -> web.Response:
+    """A personal API token for scripts, shown once in this answer; only its hash is kept."""
+    principal = _user(request)
+    body = await _json_body(request)
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name) > 100 or not name.isprintable():
+        raise _invalid_field("name", "name is required: 1 to 100 printable characters")
+    days = _optional_int(body, "expiresInDays", minimum=1, maximum=API_TOKEN_MAX_DAYS) or API_TOKEN_DEFAULT_DAYS
+    token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    now = request.app[CLOCK].now()
+    record = {"id": _new_id("token"), "user_id": principal.id, "name": name, "token_hash": _hash_token(token),
+              "created_at": _iso(now), "expires_at": _iso(now + dt.timedelta(days=days))}
+    await request.app[STORE].insert_api_token(record)
+    return _json({"success": True, "token": token, **_api_token_json(record)}, status=201)
+
+
+async def list_api_tokens_view(request: web.Request) -> web.Response:
+    """The caller's own API tokens, without their secrets."""
+    principal = _user(request)
+    tokens = await request.app[STORE].api_tokens_of(principal.id)
+    return _json({"success": True, "total": len(tokens), "tokens": [_api_token_json(t) for t in tokens]})
+
+
+async def delete_api_token_view(request: web.Request) -> web.Response:
+    """Revoke one of the caller's API tokens, at once (its WebSockets close too)."""
+    principal = _user(request)
+    token_id = request.match_info["token_id"]
+    if not await request.app[STORE].delete_api_token(principal.id, token_id):
+        raise NotFound("API token not found")
+    request.app[HUB].disconnect("token revoked", jti=token_id)
+    return _json({"success": True, "message": "API token revoked"})
 
 
 # === HTTP: workers ===
@@ -1681,12 +2260,15 @@ async def delete_user_view(request: web.Request) -> web.Response:
 
 
 async def register_view(request: web.Request) -> web.Response:
-    """Register with the registration token (or an admin's JWT); returns the worker's own token."""
+    """Register with the registration token, an admin's token or, with DISPATCH_OPEN_REGISTRATION=1,
+    nothing at all; returns the worker's own token. While approval is on, a worker that no admin
+    registered is pending: it gets no job until an admin approves it."""
     config = request.app[CONFIG]
     principal = request[PRINCIPAL]
     offered = _bearer(request)
-    by_token = offered is not None and hmac.compare_digest(offered.encode(), config.registration_token.encode())
-    if not by_token and not (principal is not None and principal.is_admin):
+    by_token = offered is not None and request.app[REGISTRATION].matches(offered)
+    by_admin = principal is not None and principal.is_admin
+    if not (by_token or by_admin or (config.open_registration and principal is None)):
         if principal is None:
             raise Unauthorized("Registration token required (Authorization: Bearer <registration token>)",
                                code="REGISTRATION_TOKEN_REQUIRED")
@@ -1703,12 +2285,17 @@ async def register_view(request: web.Request) -> web.Response:
     if not isinstance(metadata, dict) or len(json.dumps(metadata)) > 16 * 1024:
         raise _invalid_field("metadata", "metadata must be a JSON object under 16 KB")
     tags = _validate_tags(metadata.get("tags"), "metadata.tags")
+    # What it offers the farm; a client that does not say offers what the machine has.
+    offers = _validate_resources(body, {"cpus": cpu_count or 1, "memory_mb": memory or 0, "gpus": 0})
     token = secrets.token_urlsafe(32)
+    state = WorkerState.PENDING if config.approval_required and not by_admin else WorkerState.AVAILABLE
     now = await request.app[STORE].insert_worker({
         "id": worker_id, "token_hash": _hash_token(token), "hostname": hostname, "cpu_count": cpu_count,
-        "total_memory_mb": memory, "metadata": json.dumps(metadata), "tags": json.dumps(tags)})
-    log.info("worker %s registered (%s)", worker_id, hostname)
-    return _json({"success": True, "workerId": worker_id, "token": token, "registeredAt": now}, status=201)
+        "total_memory_mb": memory, "metadata": json.dumps(metadata), "tags": json.dumps(tags), "state": state.value,
+        **offers})
+    log.info("worker %s registered (%s), %s", worker_id, hostname, state.value)
+    return _json({"success": True, "workerId": worker_id, "token": token, "registeredAt": now,
+                  "state": state.value}, status=201)
 
 
 async def heartbeat_view(request: web.Request) -> web.Response:
@@ -1728,7 +2315,8 @@ async def heartbeat_view(request: web.Request) -> web.Response:
         raise _invalid_field("runningJobs", "runningJobs must be a list of job ids")
     run = _run_id(body.get("run"), "run")
     polled = _optional_int(body, "polled")
-    now = await request.app[JOBS].heartbeat(worker, status, jobs_completed, running, run, polled)
+    offers = _validate_resources(body, dict.fromkeys(r.column for r in RESOURCES))  # an agent restarted with new flags
+    now = await request.app[JOBS].heartbeat(worker, status, jobs_completed, running, run, polled, offers)
     return _json({"success": True, "serverTime": now,
                   "nextCheckIn": int(request.app[CONFIG].heartbeat_interval * 1000)})
 
@@ -1738,7 +2326,8 @@ def _worker_json(row: dict, *, detail: bool) -> dict:
               "totalMemoryMb": row["total_memory_mb"], "status": row["status"],
               "activity": row["reported_status"], "lastHeartbeat": row["last_heartbeat"],
               "registeredAt": row["registered_at"], "currentJobId": row["current_job_id"],
-              "jobsCompleted": row["jobs_completed"], "tags": json.loads(row["tags"])}
+              "jobsCompleted": row["jobs_completed"], "tags": json.loads(row["tags"]), "state": row["state"],
+              **{r.field: row[r.column] for r in RESOURCES}}
     if detail:
         worker["metadata"] = json.loads(row["metadata"])
     return worker
@@ -1776,6 +2365,26 @@ async def delete_worker_view(request: web.Request) -> web.Response:
     return _json({"success": True, "message": "Worker unregistered"})
 
 
+async def approve_worker_view(request: web.Request) -> web.Response:
+    """Let a pending worker take jobs (approving an approved worker changes nothing)."""
+    principal = _user(request, admin=True)
+    worker_id = _require_string(await _json_body(request), "workerId", max_length=128)
+    state = await request.app[STORE].change_worker_state(worker_id, WorkerState.PENDING, WorkerState.AVAILABLE)
+    if state is None:
+        raise NotFound("Worker not found")
+    log.info("worker %s approved by %s", worker_id, principal.email)
+    request.app[BELL].wake_held()  # its parked get-job answers now, and the next one gets work
+    return _json({"success": True, "workerId": worker_id, "state": state})
+
+
+async def rotate_registration_token_view(request: web.Request) -> web.Response:
+    """A new registration token; the old one stops working at once. Registered workers keep theirs."""
+    principal = _user(request, admin=True)
+    token = request.app[REGISTRATION].rotate()
+    log.info("registration token rotated by %s", principal.email)
+    return _json({"success": True, "token": token})
+
+
 
 # === HTTP: jobs ===
 
@@ -1797,18 +2406,41 @@ def _job_spec(request: web.Request, body: dict) -> dict:
             "working_directory": _validate_working_directory(body.get("workingDirectory")),
             "timeout": _validate_timeout(body.get("timeout")), "tags": _validate_tags(body.get("tags")),
             "max_attempts": _optional_int(body, "maxAttempts", minimum=1, maximum=MAX_ATTEMPTS_LIMIT) or 3,
-            "retries": _optional_int(body, "retries", minimum=0, maximum=MAX_RETRIES) or 0}
+            "retries": _optional_int(body, "retries", minimum=0, maximum=MAX_RETRIES) or 0,
+            **_validate_resources(body, {r.column: r.default for r in RESOURCES}),
+            "after": _validate_after(body.get("after")), "file": None}
     if body.get("fileUrl") not in (None, ""):
-        spec["file"] = (*_parse_upload_url(body["fileUrl"], _allowed_upload_hosts(request)), None)
+        spec["file"] = _parse_upload_url(body["fileUrl"], _allowed_upload_hosts(request))
     return spec
 
 
+def _batch_specs(request: web.Request, items: Any) -> list[dict]:
+    """The checked fields of each item of a batch submit; an error names the item (0-based)."""
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH_JOBS:
+        raise _invalid_field("jobs", f"jobs must be a list of 1 to {MAX_BATCH_JOBS} submit bodies")
+    specs = []
+    for index, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise _invalid_item(index, "jobs", "each item must be a JSON object, a submit body")
+        try:
+            specs.append(_job_spec(request, item))
+        except InvalidRequest as error:
+            raise _invalid_item(index, error.details["field"], error.message) from None
+    return specs
+
+
 async def submit_view(request: web.Request) -> web.Response:
+    """One job (the contract's body), or a batch, ``{"jobs": [body, ...]}``: all queued or none."""
     principal = _user(request)
     jobs = request.app[JOBS]
-    job = await jobs.submit(principal, _job_spec(request, await _json_body(request)))
+    body = await _json_body(request)
+    if "jobs" in body:
+        batch = await jobs.submit(principal, _batch_specs(request, body["jobs"]), batch=True)
+        return _json({"success": True, "jobIds": [job["id"] for job in batch]}, status=201)
+    [job] = await jobs.submit(principal, [_job_spec(request, body)])
+    _, wait = await jobs.why_waiting(job)
     return _json({"success": True, "jobId": job["id"], "status": JobState.QUEUED.value,
-                  "createdAt": job["created_at"], "estimatedWaitTime": await jobs.estimated_wait(job)}, status=201)
+                  "createdAt": job["created_at"], "estimatedWaitTime": wait}, status=201)
 
 
 async def status_view(request: web.Request) -> web.Response:
@@ -1838,6 +2470,9 @@ async def claim_view(request: web.Request) -> web.Response:
     wait = _query_number(query, "wait", 0, 0, MAX_LONG_POLL_SECONDS, parse=float, what="a number of seconds")
     run = _run_id(query.get("run"), "run")
     poll = _query_number(query, "poll", None, 1, 2**62)
+    if worker.state != WorkerState.AVAILABLE:
+        await _wait_for_approval(request, wait)
+        return web.Response(status=204)
     jobs = request.app[JOBS]
     job = await _claim_or_wait(request, worker, wait, run, poll)
     if job is None:
@@ -1857,28 +2492,45 @@ async def claim_view(request: web.Request) -> web.Response:
 async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, run: Optional[str],
                          poll: Optional[int]) -> dict | None:
     """Claim the best job for the worker, waiting up to ``wait`` seconds for one to be announced.
-    A wake-up this worker cannot use (it hung up, or its claim took another job) is passed on."""
+    A wake-up this worker cannot use (it hung up, its claim took another job, or it has no room
+    for the job) is passed on."""
     bell, jobs = request.app[BELL], request.app[JOBS]
     tags = frozenset(json.loads(worker.tags))
     deadline = time.monotonic() + wait
+    woken_by: Optional[Ring] = None
     while True:
-        ring = bell.listen(tags)
+        ring = bell.listen(tags, worker.id)
         try:
             job = await jobs.claim(worker, run, poll)
             if job is not None:
                 if ring.done():  # it rang while we claimed: the job it announced may be another one
-                    bell.ring(ring.result())
+                    bell.ring(*ring.result())
                 return job
+            if woken_by is not None and woken_by.tags is not None:  # not for us: another worker may fit it
+                bell.ring(woken_by.tags, woken_by.passed | {worker.id})
             remaining = deadline - time.monotonic()
             if remaining <= 0 or bell.closed:
                 return None
             await asyncio.wait({ring}, timeout=remaining)
             if _client_gone(request):
                 if ring.done():
-                    bell.ring(ring.result())
+                    bell.ring(*ring.result())
                 return None
+            woken_by = ring.result() if ring.done() else None
         finally:
             bell.forget(ring)
+
+
+async def _wait_for_approval(request: web.Request, wait: float) -> None:
+    """A worker that may take no job (pending) still waits out its poll, as an agent expects of
+    an empty answer, and takes no wake-up meant for another worker; an approval (or a shutdown)
+    ends the wait early."""
+    bell = request.app[BELL]
+    ring = bell.listen(None)
+    try:
+        await asyncio.wait({ring}, timeout=wait)
+    finally:
+        bell.forget(ring)
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -1956,20 +2608,22 @@ async def cancel_view(request: web.Request) -> web.Response:
 
 
 async def events_view(request: web.Request) -> web.WebSocketResponse:
-    """WebSocket of job events; ``?jobId=`` narrows to one job. Users only, same origin only."""
-    _user(request)
+    """WebSocket of job events; ``?jobId=`` narrows to one job. Users only, same origin only. It is
+    closed when the client falls too far behind, or when its token or user stops being valid."""
+    principal = _user(request)
     origin = request.headers.get("Origin")
     if origin is not None and not _is_allowed_origin(request, origin):
         raise Forbidden("Cross-origin WebSocket refused", code="CROSS_ORIGIN")
     ws = web.WebSocketResponse(heartbeat=30)
     await ws.prepare(request)
     hub = request.app[HUB]
-    queue = hub.subscribe(ws, request.query.get("jobId"))
+    feed = hub.subscribe(ws, principal, request.query.get("jobId"))
 
     async def send_events() -> None:
-        while (message := await queue.get()) is not None:
+        while (message := await feed.next()) is not None:
             await ws.send_str(message)
-        await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too slow")
+        code, reason = feed.closed_with
+        await ws.close(code=code, message=reason.encode())
 
     sender = asyncio.create_task(send_events())
     try:
@@ -2046,21 +2700,31 @@ async def upload_view(request: web.Request) -> web.Response:
     uploading.add(asyncio.current_task())
     try:
         name, size, sha256 = await _receive_upload(request, partial, config)
-        (uploads / file_id).mkdir(mode=0o700)
-        partial.rename(uploads / file_id / name)
+        now = request.app[CLOCK].now()
+        record = {"id": file_id, "name": name, "size": size, "sha256": sha256, "owner_id": principal.id,
+                  "uploaded_at": _iso(now), "expires_at": _iso(now + dt.timedelta(days=config.file_ttl_days))}
+        await _keep_upload(request.app[STORE], partial, uploads / file_id, record)
     except (ValueError, AssertionError, KeyError, HttpProcessingError):
         raise InvalidFile("Expected multipart/form-data with a 'file' field", code="MALFORMED_UPLOAD") from None
     finally:
         uploading.discard(asyncio.current_task())
         partial.unlink(missing_ok=True)
-    now = request.app[CLOCK].now()
-    record = {"id": file_id, "name": name, "size": size, "sha256": sha256, "owner_id": principal.id,
-              "uploaded_at": _iso(now), "expires_at": _iso(now + dt.timedelta(days=config.file_ttl_days))}
-    await request.app[STORE].insert_file(record)
     request.app[METRICS].upload_bytes.inc(size)
     return _json({"success": True, "fileId": file_id, "filename": name, "size": size, "sha256": sha256,
                   "uploadedAt": record["uploaded_at"], "url": _upload_url(file_id, name),
                   "expiresAt": record["expires_at"]}, status=201)
+
+
+async def _keep_upload(store: Store, partial: Path, folder: Path, record: dict) -> None:
+    """Move a received file into its own folder and record it: all of that, or nothing (no folder
+    and no file without a record)."""
+    try:
+        folder.mkdir(mode=0o700)
+        partial.rename(folder / record["name"])
+        await store.insert_file(record)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def _too_large(config: Config) -> InvalidFile:
@@ -2126,9 +2790,7 @@ async def _storage_ctx(app: web.Application):
     _make_data_dir_private(config.data_path)
     for leftover in (config.data_path / "uploads").glob(".*.partial"):
         leftover.unlink()  # an upload the previous process did not finish
-    if not config.registration_token:
-        token = _read_or_create_secret(config.data_path / "registration_token", lambda: secrets.token_urlsafe(24))
-        app[CONFIG] = config = dataclasses.replace(config, registration_token=token)
+    app[REGISTRATION] = RegistrationToken(config)
     app[TOKENS] = Tokens(_read_or_create_secret(config.data_path / "jwt_secret", lambda: secrets.token_hex(32)))
     app[STORE] = store = await Store.open(config.data_path / "dispatch.db", app[CLOCK])
     app[JOBS] = Jobs(store, config, app[CLOCK], Announcer(app[HUB], app[BELL], app[METRICS]))
@@ -2192,7 +2854,7 @@ def create_app(config: Config, *, clock: Optional[Clock] = None) -> web.Applicat
     """The dispatch web application, ready for ``web.run_app`` or embedding. A test may pass a
     clock it moves itself."""
     app = web.Application(middlewares=[access_middleware, error_middleware, auth_middleware],
-                          client_max_size=MAX_REQUEST_BODY)
+                          client_max_size=MAX_REQUEST_BODY, handler_args={"logger": server_log})
     app[CONFIG] = config
     app[CLOCK] = clock or Clock()
     app[BELL] = QueueBell()
@@ -2200,6 +2862,7 @@ def create_app(config: Config, *, clock: Optional[Clock] = None) -> web.Applicat
     app[RATE_LIMITER] = RateLimiter()
     app[METRICS] = Metrics()
     app[METRICS].websocket_clients.set_function(lambda: app[HUB].client_count)
+    app[METRICS].websocket_backlog.set_function(lambda: app[HUB].backlog_bytes)
     app[STARTED] = time.monotonic()
     app[UPLOADS_IN_PROGRESS] = set()
     app.cleanup_ctx.extend([_storage_ctx, _sweeper_ctx])
@@ -2210,6 +2873,9 @@ def create_app(config: Config, *, clock: Optional[Clock] = None) -> web.Applicat
         web.post("/api/auth/logout", logout_view),
         web.post(REFRESH_PATH, refresh_view),
         web.get("/api/auth/me", whoami_view),
+        web.post("/api/auth/tokens", create_api_token_view),
+        web.get("/api/auth/tokens", list_api_tokens_view),
+        web.delete("/api/auth/tokens/{token_id}", delete_api_token_view),
         web.get("/api/users", list_users_view),
         web.post("/api/users", add_user_view),
         web.delete("/api/users/{user_id}", delete_user_view),
@@ -2218,6 +2884,8 @@ def create_app(config: Config, *, clock: Optional[Clock] = None) -> web.Applicat
         web.get("/api/workers/list", list_workers_view),
         web.get("/api/workers/{worker_id}", worker_view),
         web.delete("/api/workers/{worker_id}", delete_worker_view),
+        web.post("/api/workers/approve", approve_worker_view),
+        web.post("/api/workers/registration-token", rotate_registration_token_view),
         web.post("/api/jobs/submit", submit_view),
         web.get("/api/jobs/status", status_view),
         web.get("/api/jobs/list", list_jobs_view),
@@ -2251,21 +2919,36 @@ def _build_parser() -> argparse.ArgumentParser:
     env_help = "\n".join(f"  {s.env:<30} {s.help} (default: {s.default!r})" for s in SETTINGS)
     parser = argparse.ArgumentParser(
         prog="dispatch.py", description="dispatch: a job farm for a LAN. Runs the server.",
-        epilog=f"environment variables (flags win over them):\n{env_help}",
+        epilog=f"""commands (each takes --data-dir too, before or after its name):
+  user add EMAIL [--role admin|user] [--password-stdin] [--create]
+                                 add a user (the password from a prompt or standard input)
+  user set-password EMAIL [--password-stdin]
+                                 set a user's password (a lost first admin's, say)
+  backup FILE                    a consistent copy of the database, safe while the server runs
+
+environment variables (flags win over them):
+{env_help}""",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dispatch {__version__}")
     for s in SETTINGS:
         if s.flag:
             parser.add_argument(s.flag, dest=s.field, type=s.kind, help=f"{s.help} (env {s.env}, default {s.default})")
+    # A subcommand's own --data-dir sets the same value; SUPPRESS keeps it from resetting one given before.
+    data_dir = argparse.ArgumentParser(add_help=False)
+    data_dir.add_argument("--data-dir", dest="data_dir", default=argparse.SUPPRESS, help="as above")
     commands = parser.add_subparsers(dest="command", metavar="{user,backup}")
-    user = commands.add_parser("user", help="manage users: user add EMAIL --role admin|user")
+    user = commands.add_parser("user", help="manage users: user add EMAIL, user set-password EMAIL")
     user_commands = user.add_subparsers(dest="user_command", required=True)
-    add = user_commands.add_parser("add", help="add a user (password from a prompt or --password-stdin)")
+    add = user_commands.add_parser("add", parents=[data_dir], help="add a user")
     add.add_argument("email")
     add.add_argument("--role", choices=["admin", "user"], default="user")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    backup = commands.add_parser("backup", help="backup FILE: a consistent copy of the database, safe while the "
-                                                "server runs")
+    add.add_argument("--create", action="store_true", help="create the data dir and its database if there is none")
+    set_password = user_commands.add_parser("set-password", parents=[data_dir], help="set a user's password")
+    set_password.add_argument("email")
+    set_password.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    backup = commands.add_parser("backup", parents=[data_dir], help="backup FILE: a consistent copy of the "
+                                                                   "database, safe while the server runs")
     backup.add_argument("file", type=Path)
     return parser
 
@@ -2281,11 +2964,33 @@ def _lan_address() -> str:
         return socket.gethostname()
 
 
-async def _add_user_command(config: Config, email: str, role: str, password: str) -> None:
-    config.data_path.mkdir(parents=True, exist_ok=True)
-    store = await Store.open(config.data_path / "dispatch.db")
+class CommandError(Exception):
+    """A command-line mistake, told in one sentence (exit code 2)."""
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise CommandError("there is no terminal to ask for the password: pipe it in with --password-stdin")
+    return getpass.getpass(f"Password for {args.email}: ")
+
+
+async def _user_command(config: Config, args: argparse.Namespace) -> str:
+    """``user add`` and ``user set-password``; returns what was done."""
+    database = config.data_path / "dispatch.db"
+    if not database.exists() and not getattr(args, "create", False):
+        raise CommandError(f"there is no dispatch database in {config.data_path}: give the server's --data-dir "
+                           f"(or DISPATCH_DATA_DIR){', or add --create to start a new one' if args.user_command == 'add' else ''}")
+    password = _read_password(args)
+    _make_data_dir_private(config.data_path)
+    store = await Store.open(database)
     try:
-        await create_user(store, email, password, role, config.bcrypt_rounds)
+        if args.user_command == "add":
+            await create_user(store, args.email, password, args.role, config.bcrypt_rounds)
+            return f"added {args.role} {args.email}"
+        await set_password(store, args.email, password, config.bcrypt_rounds)
+        return f"set the password of {args.email}"
     finally:
         await store.close()
 
@@ -2294,11 +2999,13 @@ def backup_database(config: Config, target: Path) -> None:
     """Copy the database with SQLite's online backup: consistent even while the server writes."""
     source_path = config.data_path / "dispatch.db"
     if not source_path.exists():
-        raise SystemExit(f"no database at {source_path}")
+        raise CommandError(f"there is no dispatch database in {config.data_path}: give the server's --data-dir")
     try:
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # as private as the original
     except FileExistsError:
-        raise SystemExit(f"{target} exists; choose a new file") from None
+        raise CommandError(f"{target} exists: choose a new file") from None
+    except OSError as err:
+        raise CommandError(f"cannot create {target}: {err.strerror}") from None
     source, copy = sqlite3.connect(source_path), sqlite3.connect(target)
     try:
         source.backup(copy)
@@ -2381,48 +3088,58 @@ def _raise_open_files_limit() -> None:
 
 
 def _print_banner(app: web.Application) -> None:
-    config = app[CONFIG]
+    config, token = app[CONFIG], app[REGISTRATION].value
     host = _lan_address() if config.host in ("0.0.0.0", "::", "") else config.host
     url = config.public_url.rstrip("/") or f"http://{host}:{config.port}"
     lines = [f"dispatch {__version__} listening on http://{config.host}:{config.port} (data in {config.data_path})",
              f"  web page & API:      {url}/  (API under {url}/api)",
-             f"  registration token:  {config.registration_token}"]
+             f"  registration token:  {token}"]
     if FIRST_ADMIN in app:
         email, password = app[FIRST_ADMIN]
         lines.append(f"  first admin:         {email} / " + (password or "(DISPATCH_ADMIN_PASSWORD)"))
-    lines.append(f"  add a desktop:       python agent.py --server {url} --token {config.registration_token}")
+    if config.approval_required:
+        lines.append("  new desktops:        wait for an admin's approval (the Approve button on the web page)")
+    lines.append(f"  add a desktop:       python agent.py --server {url} --token {token}")
     print("\n".join(lines), flush=True)
+
+
+def _listen(config: Config) -> socket.socket:
+    """The server's socket, bound before anything is written to the data dir: a start that
+    cannot listen leaves nothing behind (no first admin whose password nobody saw)."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    try:
+        return socket.create_server((config.host, config.port), family=family, backlog=1024)
+    except OSError as err:
+        hint = " (another dispatch.py, or another program, is using it: stop it or give --port)" \
+            if err.errno == errno.EADDRINUSE else ""
+        raise CommandError(f"cannot listen on {config.host}:{config.port}: {os.strerror(err.errno)}{hint}") from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     os.umask(0o077)  # nothing the server or its commands write is for other accounts
     args = _build_parser().parse_args(argv)
-    overrides = {s.field: getattr(args, s.field) for s in SETTINGS if s.flag}
+    overrides = {s.field: getattr(args, s.field, None) for s in SETTINGS if s.flag}
     config = Config.from_env(**overrides)
     _setup_logging(config.log_format)
-    if args.command == "backup":
-        backup_database(config, args.file)
-        print(f"backed up {config.data_path / 'dispatch.db'} to {args.file}")
-        return 0
-    if args.command == "user":
-        if args.password_stdin:
-            password = sys.stdin.readline().rstrip("\r\n")
-        else:
-            password = getpass.getpass(f"Password for {args.email}: ")
-        try:
-            asyncio.run(_add_user_command(config, args.email, args.role, password))
-        except DispatchError as exc:
-            print(f"error: {exc.message}", file=sys.stderr)
-            return 1
-        print(f"added {args.role} {args.email}")
-        return 0
+    try:
+        if args.command == "backup":
+            backup_database(config, args.file)
+            print(f"backed up {config.data_path / 'dispatch.db'} to {args.file}")
+            return 0
+        if args.command == "user":
+            print(asyncio.run(_user_command(config, args)))
+            return 0
+        sock = _listen(config)
+    except (CommandError, DispatchError) as err:
+        print(f"dispatch.py: {err.message if isinstance(err, DispatchError) else err}", file=sys.stderr)
+        return 2
     _raise_open_files_limit()
     app = create_app(config)
     # run_app "prints" once the socket listens: the banner then tells the truth. The keep-alive
     # timeout also bounds how long a connection may take to send its request's headers; the
     # lingering time, how long an unread body is drained after the answer.
-    web.run_app(app, host=config.host, port=config.port, print=lambda _message: _print_banner(app),
-                access_log=None, keepalive_timeout=config.request_timeout, lingering_time=config.request_timeout)
+    web.run_app(app, sock=sock, print=lambda _message: _print_banner(app), access_log=None,
+                keepalive_timeout=config.request_timeout, lingering_time=config.request_timeout)
     return 0
 
 

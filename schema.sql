@@ -1,4 +1,4 @@
--- dispatch schema, version 2 (dispatch.py's MIGRATIONS bring a version 1 database here). Applied at every start; every statement is idempotent.
+-- dispatch schema, version 4 (dispatch.py's MIGRATIONS bring an older database here). Applied at every start; every statement is idempotent.
 -- Timestamps are ISO 8601 UTC text with milliseconds ("2026-01-25T10:30:00.000Z"), so text order is time order.
 
 CREATE TABLE IF NOT EXISTS users (
@@ -9,11 +9,22 @@ CREATE TABLE IF NOT EXISTS users (
     created_at    TEXT NOT NULL
 );
 
--- Logged-out JWTs, kept until they would have expired anyway.
+-- Logged-out and refreshed JWTs, kept as long as a refresh could still use them (exp + the grace).
 CREATE TABLE IF NOT EXISTS revoked_tokens (
     jti        TEXT PRIMARY KEY,
-    expires_at INTEGER NOT NULL
+    expires_at INTEGER NOT NULL  -- epoch seconds: swept after this
 );
+
+-- Personal API tokens ("dsp_..."), for scripts; only a hash is kept, the token is shown once.
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id         TEXT PRIMARY KEY,
+    user_id    TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,  -- SHA-256 of the token
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS api_tokens_user ON api_tokens (user_id);
 
 CREATE TABLE IF NOT EXISTS workers (
     id              TEXT PRIMARY KEY,
@@ -26,7 +37,13 @@ CREATE TABLE IF NOT EXISTS workers (
     reported_status TEXT NOT NULL DEFAULT 'idle',
     jobs_completed  INTEGER NOT NULL DEFAULT 0,
     registered_at   TEXT NOT NULL,
-    last_heartbeat  TEXT NOT NULL
+    last_heartbeat  TEXT NOT NULL,
+    -- takes jobs (available) or not: waiting for approval (pending), or paused
+    state           TEXT NOT NULL DEFAULT 'available' CHECK (state IN ('available', 'paused', 'pending')),
+    -- what it offers the farm (cpu_count and total_memory_mb are what the machine has)
+    cpus            INTEGER NOT NULL DEFAULT 1,
+    memory_mb       INTEGER NOT NULL DEFAULT 0,
+    gpus            INTEGER NOT NULL DEFAULT 0
 );
 
 CREATE TABLE IF NOT EXISTS files (
@@ -70,12 +87,38 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at        TEXT NOT NULL,
     started_at        TEXT,                        -- claimed
     command_started_at TEXT,                       -- the command started on the worker: the timeout's start
-    completed_at      TEXT
+    completed_at      TEXT,
+    cpus              INTEGER NOT NULL DEFAULT 1,  -- what it asks of a worker while it runs
+    memory_mb         INTEGER NOT NULL DEFAULT 0,
+    gpus              INTEGER NOT NULL DEFAULT 0,
+    after             TEXT NOT NULL DEFAULT '[]',  -- the jobs it waits for (ids, JSON)
+    parents_left      INTEGER NOT NULL DEFAULT 0   -- of those, not completed yet: it is claimable at 0
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority_rank DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker_id, status);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, seq);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
+-- The claim walks the people with claimable jobs, and each one's queue in order, by seeks (see claim_next_job).
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (status, parents_left, submitted_by, priority_rank DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (submitted_by, status);         -- running now, per person
+CREATE INDEX IF NOT EXISTS jobs_owner_served ON jobs (submitted_by, started_at);  -- served last, per person
+
+-- Dependencies: a row per (parent, child). Both triggers act inside the statement that changes the
+-- job, so a crash can never leave a child waiting for a parent that has already completed.
+CREATE TABLE IF NOT EXISTS job_parents (
+    parent_id TEXT NOT NULL,
+    child_id  TEXT NOT NULL,
+    PRIMARY KEY (parent_id, child_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_parents_child ON job_parents (child_id);
+CREATE TRIGGER IF NOT EXISTS jobs_link_parents AFTER INSERT ON jobs WHEN NEW.after != '[]' BEGIN
+    INSERT OR IGNORE INTO job_parents (parent_id, child_id) SELECT value, NEW.id FROM json_each(NEW.after);
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_release_children AFTER UPDATE OF status ON jobs
+WHEN NEW.status = 'completed' AND OLD.status != 'completed' BEGIN
+    UPDATE jobs SET parents_left = parents_left - 1
+    WHERE id IN (SELECT child_id FROM job_parents WHERE parent_id = NEW.id) AND status = 'queued';
+END;
 
 -- Output is appended chunk by chunk, so a long log costs O(total size), never a rewrite per chunk.
 -- Past the cap a stream keeps its head and a sliding tail; what fell between is counted, not kept.
@@ -96,4 +139,4 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 4;

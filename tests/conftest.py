@@ -8,6 +8,8 @@ import io
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -309,3 +311,92 @@ def dispatch_server(tmp_path, server_env):
     server = ServerProcess(tmp_path / "data", server_env).start()
     yield server
     server.stop()
+
+
+# -- real agents on a real server -------------------------------------------------------------
+
+
+class AgentProcess:
+    """``python agent.py`` run from its own copy, logging to a file."""
+
+    def __init__(self, script: Path, server_url: str, worker_id: str, work_dir: Path, args: list):
+        self.script = script
+        self.server_url = server_url
+        self.worker_id = worker_id
+        self.work_dir = work_dir
+        self.args = args
+        self.log_path = work_dir.parent / f"agent-{worker_id}.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "AgentProcess":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+        env["DISPATCH_REGISTRATION_TOKEN"] = REGISTRATION_TOKEN  # from the environment, as a service would
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(self.script), "--server", self.server_url, "--worker-id", self.worker_id,
+                 "--work-dir", str(self.work_dir), *self.args],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.script.parent)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, within: float = 10) -> None:
+        deadline = time.monotonic() + within
+        while text not in self.log():
+            assert self.process.poll() is None, f"agent exited:\n{self.log()}"
+            assert time.monotonic() < deadline, f"no {text!r} in the agent log:\n{self.log()}"
+            time.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self) -> int:
+        """SIGTERM twice (kills running jobs), then SIGKILL if it still runs."""
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            time.sleep(0.3)
+            if self.process.poll() is None:
+                self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def start_server_process(tmp_path: Path, server_env: dict, heartbeat: float) -> ServerProcess:
+    env = dict(server_env, DISPATCH_HEARTBEAT_INTERVAL=str(heartbeat), DISPATCH_RATE_LIMIT="0")
+    return ServerProcess(tmp_path / "data", env).start()
+
+
+@pytest.fixture
+def server(tmp_path, server_env):
+    """A running dispatch.py with a one-second heartbeat."""
+    process = start_server_process(tmp_path, server_env, heartbeat=1)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def user(server) -> LiveApi:
+    return LiveApi(server.url).login()
+
+
+@pytest.fixture
+def start_agent(tmp_path, server):
+    """start_agent(worker_id, *args): an agent process on `server` with its own work dir."""
+    folder = tmp_path / "desktop"
+    folder.mkdir()
+    script = folder / "agent.py"
+    shutil.copy(ROOT / "agent.py", script)
+    agents = []
+
+    def start(worker_id: str, *args: str, work_dir: Path | None = None) -> AgentProcess:
+        agent = AgentProcess(script, server.url, worker_id, work_dir or folder / f"work-{worker_id}", list(args))
+        agents.append(agent.start())
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.stop()

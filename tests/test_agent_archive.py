@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
+import time
 import zipfile
 from pathlib import Path
 
@@ -85,6 +87,75 @@ def test_more_entries_than_the_cap_fail(tmp_path, dest):
 
     with pytest.raises(agent.UnsafeArchive, match="the zip has 4 entries, more than the limit of 3"):
         agent.extract_zip(archive, dest, max_entries=3)
+
+
+def directory_only_zip(path: Path, entries: int, *, claim: int, zip64_claim: int | None = None) -> Path:
+    """A zip of `entries` minimal central-directory entries (no file data), whose classic end record
+    claims `claim` entries and, with `zip64_claim`, a ZIP64 end record that claims that many."""
+    entry = struct.pack("<4s4B4HL2L5H2L", b"PK\1\2", 20, 3, 20, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0) + b"a"
+    directory = entry * entries
+    with open(path, "wb") as f:
+        f.write(directory)
+        if zip64_claim is not None:
+            f.write(struct.pack("<4sQ2H2L4Q", b"PK\6\6", 44, 45, 45, 0, 0, zip64_claim, zip64_claim,
+                                len(directory), 0))
+            f.write(struct.pack("<4sLQL", b"PK\6\7", 0, len(directory), 1))
+        f.write(struct.pack("<4s4H2LH", b"PK\5\6", 0, 0, min(claim, 0xFFFF), min(claim, 0xFFFF),
+                            min(len(directory), 0xFFFFFFFF), 0, 0))
+    return path
+
+
+@pytest.fixture
+def no_zipfile(monkeypatch):
+    """zipfile.ZipFile fails the test if anything builds one: the refusal must come first."""
+    def built(*args, **kwargs):
+        raise AssertionError("zipfile.ZipFile was built before the entry count was checked")
+
+    monkeypatch.setattr(agent.zipfile, "ZipFile", built)
+
+
+@pytest.mark.parametrize("claim", [0xFFFF, 1], ids=["zip64 record", "zip64 record behind a small classic one"])
+def test_a_zip_that_claims_millions_of_entries_is_refused_from_its_end_records(tmp_path, dest, no_zipfile, claim):
+    archive = directory_only_zip(tmp_path / "claims.zip", 3, claim=claim, zip64_claim=3_000_000)
+
+    with pytest.raises(agent.UnsafeArchive, match="the zip has 3000000 entries, more than the limit of 100000"):
+        agent.extract_zip(archive, dest)
+
+
+def test_a_zip_holding_a_million_entries_behind_a_small_claim_is_refused_quickly(tmp_path, dest, no_zipfile):
+    archive = directory_only_zip(tmp_path / "million.zip", 1_000_000, claim=5)
+    assert archive.stat().st_size < agent.MAX_ZIP_DIRECTORY_BYTES  # only counting tells
+
+    started = time.monotonic()
+    with pytest.raises(agent.UnsafeArchive, match="more entries than the limit of 100000 .its end record says 5."):
+        agent.extract_zip(archive, dest)
+
+    assert time.monotonic() - started < 2  # zipfile itself takes ~10 s and ~300 MB for this
+    assert files_under(dest) == []
+
+
+def test_a_central_directory_over_its_byte_cap_is_refused(tmp_path, dest, no_zipfile):
+    archive = directory_only_zip(tmp_path / "wide.zip", 100, claim=100)
+
+    with pytest.raises(agent.UnsafeArchive, match="central directory has 4700 bytes, more than the limit of 4000"):
+        agent.extract_zip(archive, dest, max_directory_bytes=4000)
+
+
+def test_a_real_zip64_archive_and_one_with_a_comment_still_extract(tmp_path, dest, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2)  # so three entries get ZIP64 end records
+        archive = zip_file(tmp_path, [(f"f{n}.txt", f"{n}") for n in range(3)])
+    assert b"PK\6\6" in archive.read_bytes()
+    with zipfile.ZipFile(tmp_path / "commented.zip", "w") as commented:
+        commented.writestr("c.txt", "c")
+        commented.comment = b"built by a test " * 100
+
+    agent.extract_zip(archive, dest)
+    agent.extract_zip(tmp_path / "commented.zip", dest)
+
+    assert files_under(dest) == ["c.txt", "f0.txt", "f1.txt", "f2.txt"]
+    with pytest.raises(agent.UnsafeArchive, match="the zip has 3 entries, more than the limit of 2"):
+        agent.extract_zip(archive, tmp_path, max_entries=2)
 
 
 def test_a_zip_bomb_stops_at_the_byte_cap(tmp_path, dest):

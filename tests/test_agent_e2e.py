@@ -9,11 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import os
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import time
 import urllib.request
@@ -23,98 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REGISTRATION_TOKEN, ROOT, LiveApi, ServerProcess
+from conftest import REGISTRATION_TOKEN, ROOT, AgentProcess, LiveApi, start_server_process
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="jobs use /bin/sh and /proc")]
 
 # --- fixtures: the processes -------------------------------------------------------------
-
-
-class AgentProcess:
-    """``python agent.py`` run from its own copy, logging to a file."""
-
-    def __init__(self, script: Path, server_url: str, worker_id: str, work_dir: Path, args: list):
-        self.script = script
-        self.server_url = server_url
-        self.worker_id = worker_id
-        self.work_dir = work_dir
-        self.args = args
-        self.log_path = work_dir.parent / f"agent-{worker_id}.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> "AgentProcess":
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
-        env["DISPATCH_REGISTRATION_TOKEN"] = REGISTRATION_TOKEN  # from the environment, as a service would
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, str(self.script), "--server", self.server_url, "--worker-id", self.worker_id,
-                 "--work-dir", str(self.work_dir), *self.args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.script.parent)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait_for_log(self, text: str, within: float = 10) -> None:
-        deadline = time.monotonic() + within
-        while text not in self.log():
-            assert self.process.poll() is None, f"agent exited:\n{self.log()}"
-            assert time.monotonic() < deadline, f"no {text!r} in the agent log:\n{self.log()}"
-            time.sleep(0.05)
-
-    def signal(self, sig: int) -> None:
-        self.process.send_signal(sig)
-
-    def stop(self) -> int:
-        """SIGTERM twice (kills running jobs), then SIGKILL if it still runs."""
-        if self.process.poll() is None:
-            self.signal(signal.SIGTERM)
-            time.sleep(0.3)
-            if self.process.poll() is None:
-                self.signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
-
-
-def _server(tmp_path: Path, server_env: dict, heartbeat: float) -> ServerProcess:
-    env = dict(server_env, DISPATCH_HEARTBEAT_INTERVAL=str(heartbeat), DISPATCH_RATE_LIMIT="0")
-    return ServerProcess(tmp_path / "data", env).start()
-
-
-@pytest.fixture
-def server(tmp_path, server_env):
-    """A running dispatch.py with a one-second heartbeat."""
-    process = _server(tmp_path, server_env, heartbeat=1)
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def user(server) -> LiveApi:
-    return LiveApi(server.url).login()
-
-
-@pytest.fixture
-def start_agent(tmp_path, server):
-    """start_agent(worker_id, *args): an agent process on `server` with its own work dir."""
-    folder = tmp_path / "desktop"
-    folder.mkdir()
-    script = folder / "agent.py"
-    shutil.copy(ROOT / "agent.py", script)
-    agents = []
-
-    def start(worker_id: str, *args: str, work_dir: Path | None = None) -> AgentProcess:
-        agent = AgentProcess(script, server.url, worker_id, work_dir or folder / f"work-{worker_id}", list(args))
-        agents.append(agent.start())
-        return agent
-
-    yield start
-    for agent in agents:
-        agent.stop()
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -291,7 +203,7 @@ def test_two_agents_share_one_queue(user, start_agent):
 
 def test_concurrency_runs_jobs_side_by_side(user, start_agent, tmp_path):
     go = tmp_path / "go"
-    start_agent("desk-1", "--concurrency", "2")
+    start_agent("desk-1", "--concurrency", "2", "--cpus", "2")
     job_ids = [user.submit(f"echo up; while [ ! -e {go} ]; do sleep 0.05; done") for _ in range(2)]
 
     for job_id in job_ids:  # both run at once: neither slot waits for the other
@@ -386,7 +298,7 @@ def test_a_claim_whose_answer_never_reached_the_agent_goes_back_to_the_queue(ser
 def _outage_farm(tmp_path, server_env) -> tuple:
     """A server, a logged-in user and one agent, for tests that take the server (or agent) down.
     A five-second heartbeat: the outage stays well short of "worker lost" (three missed beats)."""
-    server = _server(tmp_path, server_env, heartbeat=5)
+    server = start_server_process(tmp_path, server_env, heartbeat=5)
     folder = tmp_path / "desktop"
     folder.mkdir()
     shutil.copy(ROOT / "agent.py", folder / "agent.py")
@@ -491,3 +403,95 @@ def test_cancelling_a_silent_job_kills_its_whole_tree_within_5_seconds(user, sta
     assert time.monotonic() - cancelled_at < 5
     agent.wait_for_log(f"job {job_id} is no longer ours")
     assert user.status(job_id)["status"] == "cancelled"
+
+
+# --- where jobs run: resources, fair share, dependencies (test_scheduling.py has the API side) ---------
+
+
+def submit_batch(user: LiveApi, jobs: list) -> list:
+    status, body = user.call("POST", "/api/jobs/submit", {"jobs": jobs})
+    assert status == 201, body
+    return body["jobIds"]
+
+
+def most_at_once(log: Path) -> int:
+    """The most jobs running at the same moment, from their "+" and "-" lines."""
+    running = peak = 0
+    for line in log.read_text().splitlines():
+        running += 1 if line.startswith("+") else -1
+        peak = max(peak, running)
+    return peak
+
+
+def test_a_4_cpu_agent_never_runs_three_2_cpu_jobs_at_once(user, start_agent, tmp_path):
+    log = tmp_path / "running.log"
+    start_agent("desk-1", "--cpus", "4", "--concurrency", "3")
+    command = f'echo "+ $DISPATCH_CPUS" >> {log}; sleep 0.5; echo - >> {log}'
+    job_ids = submit_batch(user, [{"command": command, "cpus": 2}] * 3)
+
+    jobs = [user.wait(job_id) for job_id in job_ids]
+
+    assert [job["status"] for job in jobs] == ["completed"] * 3
+    assert most_at_once(log) == 2  # side by side, but a third slot never took the third job
+    assert [line for line in log.read_text().splitlines() if line.startswith("+")] == ["+ 2"] * 3
+
+
+def test_a_job_that_needs_more_memory_than_any_agent_offers_waits_and_says_why(user, start_agent):
+    start_agent("desk-1", "--memory-mb", "1000")
+    too_big = user.submit("true", memoryMb=5000)
+
+    fits = user.wait(user.submit("true", memoryMb=1000))
+
+    assert fits["status"] == "completed"
+    job = user.status(too_big)
+    assert (job["status"], job["waitingFor"]) == ("queued", "needs 5000 MB of memory; the largest online worker offers 1000")
+
+
+def test_another_persons_job_starts_within_two_claims_of_a_long_queue(server, user, start_agent):
+    def person(email: str) -> LiveApi:
+        status, body = user.call("POST", "/api/users", {"email": email, "password": "password-1", "role": "user"})
+        assert status == 201, body
+        return LiveApi(server.url).login(email, "password-1")
+
+    ann, bob = person("ann@example.com"), person("bob@example.com")
+    start_agent("desk-1")
+    anns = submit_batch(ann, [{"command": "sleep 0.1"}] * 200)
+    user.wait(anns[2], until=lambda job: job["status"] != "queued")  # the agent is busy with ann's queue
+    bobs = bob.submit("true")
+
+    job = bob.wait(bobs)
+    started = [ann.status(j)["startedAt"] for j in anns]
+
+    assert job["status"] == "completed"
+    assert len([s for s in started if s and job["createdAt"] < s < job["startedAt"]]) <= 1
+    assert None in started  # ann's queue was far from done
+
+
+def test_a_chain_runs_in_order_and_a_failure_cancels_the_rest(user, start_agent):
+    start_agent("desk-1", "--cpus", "4", "--concurrency", "4")
+    a, b, c = submit_batch(user, [{"command": "sleep 0.3"}, {"command": "sleep 0.3", "after": ["#0"]},
+                                  {"command": "true", "after": ["#1"]}])
+    x, y, z = submit_batch(user, [{"command": "exit 3"}, {"command": "true", "after": ["#0"]},
+                                  {"command": "true", "after": ["#1"]}])
+
+    chain = [user.wait(job_id) for job_id in (a, b, c)]
+    failed = [user.wait(job_id) for job_id in (x, y, z)]
+
+    assert [job["status"] for job in chain] == ["completed"] * 3
+    assert chain[0]["completedAt"] <= chain[1]["startedAt"] and chain[1]["completedAt"] <= chain[2]["startedAt"]
+    assert [(job["status"], job["error"]) for job in failed] == [
+        ("failed", "exited with code 3"), ("cancelled", f"parent {x} failed"), ("cancelled", f"parent {y} cancelled")]
+    assert failed[1]["startedAt"] is None and failed[2]["startedAt"] is None
+
+
+def test_a_fan_in_of_100_parents_starts_once_after_the_last(user, start_agent):
+    start_agent("desk-1", "--cpus", "4", "--concurrency", "4")
+    start_agent("desk-2", "--cpus", "4", "--concurrency", "4")
+    *parts, merge = submit_batch(user, [{"command": "sleep 0.05"}] * 100
+                                 + [{"command": "echo merged", "after": [f"#{n}" for n in range(100)]}])
+
+    job = user.wait(merge, within=60)
+    last_part = max(user.status(part)["completedAt"] for part in parts)
+
+    assert (job["status"], job["stdout"], job["attempts"]) == ("completed", "merged\n", 1)
+    assert job["startedAt"] >= last_part

@@ -640,6 +640,30 @@ def test_flags_win_over_the_environment_which_wins_over_defaults():
     assert config.worker_id  # the hostname
 
 
+def test_the_agent_offers_its_cores_80_percent_of_its_memory_and_no_gpu_unless_told():
+    base = ["--server", "http://lanbox:3000", "--token", "t"]
+
+    default = agent.parse_config(base, {})
+    told = agent.parse_config([*base, "--cpus", "3", "--gpus", "1"], {"DISPATCH_MEMORY_MB": "2048"})
+
+    assert default.offers == {"cpus": os.cpu_count(), "memoryMb": agent._total_memory_mb() * 4 // 5, "gpus": 0}
+    assert told.offers == {"cpus": 3, "memoryMb": 2048, "gpus": 1}
+
+
+def test_register_and_heartbeat_say_what_the_agent_offers_and_a_job_sees_its_cpus(fake, make_agent):
+    fake.route("GET", "/api/jobs/get-job", job_answer(command='echo "cpus=$DISPATCH_CPUS"', cpus=3))
+    worker = make_agent(fake.url, cpus=4, memory_mb=1000, gpus=1)
+
+    worker.poll_once()
+
+    [register], [heartbeat, *_] = fake.bodies("/api/workers/register"), fake.bodies("/api/workers/heartbeat")
+    [result] = fake.bodies("/api/jobs/submit-result")
+    assert {k: register[k] for k in ("cpus", "memoryMb", "gpus")} == {"cpus": 4, "memoryMb": 1000, "gpus": 1}
+    assert {k: heartbeat[k] for k in ("cpus", "memoryMb", "gpus")} == {"cpus": 4, "memoryMb": 1000, "gpus": 1}
+    streamed = "".join(body["data"] for body in fake.bodies("/api/jobs/stream-output"))
+    assert streamed + result["stdout"] == "cpus=3\n"
+
+
 @pytest.mark.parametrize("argv, environ, message", [
     ([], {"DISPATCH_REGISTRATION_TOKEN": "t"}, "--server (or DISPATCH_SERVER) must be the server's URL"),
     (["--server", "lanbox:3000", "--token", "t"], {}, "--server (or DISPATCH_SERVER) must be the server's URL"),

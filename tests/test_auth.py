@@ -1,11 +1,14 @@
 """Users and their tokens: login, logout, refresh, JWT verification, the auth cookie and its
-same-origin rule, the persisted secret, and the admin-only user API."""
+same-origin rule, the persisted secret, the admin-only user API, and personal API tokens."""
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import hashlib
 import json
 import os
+import sqlite3
 import stat
 import time
 import uuid
@@ -414,3 +417,139 @@ async def test_no_response_carries_a_password_hash(api):
     for text in texts:
         assert "$2b$" not in text and "$2a$" not in text
         assert "password" not in text.lower()
+
+
+# -- personal API tokens ----------------------------------------------------------
+
+
+async def create_api_token(api: Api, token: str, **body) -> dict:
+    response = await api.call("POST", "/api/auth/tokens", token=token, json={"name": "ci script", **body})
+    assert response.status == 201, await response.text()
+    return await response.json()
+
+
+async def test_an_api_token_is_shown_once_kept_as_a_hash_and_acts_as_its_user(api, config):
+    user, user_id = await api.new_user()
+    api.forget_cookies()
+
+    created = await create_api_token(api, user, expiresInDays=30)
+
+    token = created["token"]
+    assert token.startswith("dsp_") and len(token) > 40
+    assert set(created) == {"success", "token", "id", "name", "createdAt", "expiresAt"}
+    assert created["name"] == "ci script"
+    lifetime = dt.datetime.fromisoformat(created["expiresAt"][:-1]) - dt.datetime.fromisoformat(created["createdAt"][:-1])
+    assert lifetime == dt.timedelta(days=30)
+    me = await (await api.call("GET", "/api/auth/me", token=token)).json()
+    assert (me["user"]["id"], me["user"]["role"]) == (user_id, "user")
+    assert me["expiresAt"][:19] == created["expiresAt"][:19]  # to the second
+    assert (await api.call("POST", "/api/jobs/submit", token=token, json={"command": "make"})).status == 201
+    listed = await (await api.call("GET", "/api/auth/tokens", token=token)).json()
+    assert listed == {"success": True, "total": 1, "tokens": [{k: created[k] for k in
+                                                               ("id", "name", "createdAt", "expiresAt")}]}
+    database = sqlite3.connect(Path(config.data_dir) / "dispatch.db")
+    stored = database.execute("SELECT token_hash FROM api_tokens").fetchall()
+    database.close()
+    assert stored == [(hashlib.sha256(token.encode()).hexdigest(),)]
+    assert token.encode() not in (Path(config.data_dir) / "dispatch.db").read_bytes()
+
+
+async def test_an_api_token_expires_in_90_days_unless_told(api):
+    created = await create_api_token(api, await api.admin())
+
+    lifetime = dt.datetime.fromisoformat(created["expiresAt"][:-1]) - dt.datetime.fromisoformat(created["createdAt"][:-1])
+    assert lifetime == dt.timedelta(days=90)
+
+
+async def test_an_api_token_is_refused_on_worker_endpoints_on_refresh_and_as_a_cookie(api):
+    token = (await create_api_token(api, await api.admin()))["token"]
+    api.forget_cookies()
+
+    get_job = await api.call("GET", "/api/jobs/get-job", token=token)
+    heartbeat = await api.call("POST", "/api/workers/heartbeat", token=token, json={})
+    refresh = await api.call("POST", "/api/auth/refresh", token=token)
+    cookie = await api.call("GET", "/api/jobs/list", headers={"Cookie": f"auth_token={token}"})
+
+    assert (get_job.status, heartbeat.status) == (403, 403)
+    assert "Only workers" in (await get_job.json())["message"]
+    assert (refresh.status, (await refresh.json())["code"]) == (401, "API_TOKEN_NOT_REFRESHABLE")
+    assert "token" not in await refresh.json()
+    assert cookie.status == 401
+
+
+async def test_deleting_an_api_token_ends_it_at_once_and_only_its_owner_may(api):
+    owner, _ = await api.new_user("owner@example.com")
+    other, _ = await api.new_user("other@example.com")
+    admin = await api.admin()
+    api.forget_cookies()
+    created = await create_api_token(api, owner)
+    path = f"/api/auth/tokens/{created['id']}"
+
+    assert (await api.call("DELETE", path, token=other)).status == 404
+    assert (await api.call("DELETE", path, token=admin)).status == 404
+    assert await authorised(api, created["token"]) == 200
+    assert (await api.call("DELETE", path, token=owner)).status == 200
+
+    assert await authorised(api, created["token"]) == 401
+    assert (await api.call("DELETE", path, token=owner)).status == 404
+    assert (await (await api.call("GET", "/api/auth/tokens", token=owner)).json())["total"] == 0
+
+
+async def test_logging_out_with_an_api_token_ends_it(api):
+    token = (await create_api_token(api, await api.admin()))["token"]
+    api.forget_cookies()
+
+    assert (await api.call("POST", "/api/auth/logout", token=token)).status == 200
+
+    assert await authorised(api, token) == 401
+
+
+async def test_an_expired_api_token_is_refused(api, clock):
+    token = (await create_api_token(api, await api.admin(), expiresInDays=1))["token"]
+    api.forget_cookies()
+    clock.advance(24 * 3600 + 1)
+
+    response = await api.call("GET", "/api/jobs/list", token=token)
+
+    assert (response.status, (await response.json())["code"]) == (401, "TOKEN_EXPIRED")
+
+
+async def test_a_deleted_users_api_tokens_go_with_them(api, config):
+    user, user_id = await api.new_user()
+    token = (await create_api_token(api, user))["token"]
+
+    await api.call("DELETE", f"/api/users/{user_id}", token=await api.admin())
+
+    assert await authorised(api, token) == 401
+    database = sqlite3.connect(Path(config.data_dir) / "dispatch.db")
+    assert database.execute("SELECT COUNT(*) FROM api_tokens").fetchone() == (0,)
+    database.close()
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "name"),
+    ({"name": ""}, "name"),
+    ({"name": "   "}, "name"),
+    ({"name": 7}, "name"),
+    ({"name": "x" * 101}, "name"),
+    ({"name": "two\nlines"}, "name"),
+    ({"name": "ci", "expiresInDays": 0}, "expiresInDays"),
+    ({"name": "ci", "expiresInDays": 3651}, "expiresInDays"),
+    ({"name": "ci", "expiresInDays": "30"}, "expiresInDays"),
+    ({"name": "ci", "expiresInDays": True}, "expiresInDays"),
+    ({"name": "ci", "expiresInDays": 1.5}, "expiresInDays"),
+])
+async def test_a_bad_api_token_request_is_400_naming_the_field_and_creates_nothing(api, body, field):
+    admin = await api.admin()
+
+    response = await api.call("POST", "/api/auth/tokens", token=admin, json=body)
+
+    error = await response.json()
+    assert (response.status, error["code"], error["details"]["field"]) == (400, "VALIDATION_ERROR", field)
+    assert (await (await api.call("GET", "/api/auth/tokens", token=admin)).json())["total"] == 0
+
+
+async def test_the_longest_api_token_name_and_lifetime_are_allowed(api):
+    created = await create_api_token(api, await api.admin(), name="é" * 100, expiresInDays=3650)
+
+    assert created["name"] == "é" * 100

@@ -36,8 +36,9 @@ def login(server: ServerProcess, email: str = ADMIN_EMAIL, password: str = ADMIN
 
 
 def test_readme_curl_workflows_run_against_a_real_server(dispatch_server, tmp_path):
-    setup, client, worker, cancel = readme_bash_blocks()
-    script = "\n".join([setup, client, worker, 'echo "JOB_ID=$JOB_ID"', cancel])
+    setup, client, worker, cancel, api_token = readme_bash_blocks()
+    script = "\n".join([setup, client, worker, 'echo "JOB_ID=$JOB_ID"', api_token, 'echo "API_TOKEN=$API_TOKEN"',
+                        cancel])
     script = script.replace("http://localhost:3000", dispatch_server.url)
     script = re.sub(r"EMAIL=\S+ PASSWORD='[^']*'", f"EMAIL={ADMIN_EMAIL} PASSWORD='{ADMIN_PASSWORD}'", script)
     script = re.sub(r"REGISTRATION_TOKEN='[^']*'", f"REGISTRATION_TOKEN='{REGISTRATION_TOKEN}'", script)
@@ -57,6 +58,13 @@ def test_readme_curl_workflows_run_against_a_real_server(dispatch_server, tmp_pa
     assert (job["status"], job["exitCode"], job["workerId"]) == ("completed", 0, "worker-001")
     assert job["stdout"] == "test line\ntests passed"
     assert job["command"] == "ls -R"
+    api_token = re.search(r"API_TOKEN=(dsp_\S+)", run.stdout).group(1)
+    assert run.stdout.count('"jobs": [') == 2  # the client block's list, and the API token's
+    assert '"message": "API token revoked"' in run.stdout
+    with pytest.raises(urllib.error.HTTPError) as revoked:
+        http(dispatch_server, "GET", "/api/jobs/list", token=api_token)
+    assert revoked.value.code == 401
+    revoked.value.close()
     cancelled = json.loads(run.stdout[run.stdout.rindex("{"):])  # the cancel block's answer, last
     assert cancelled["status"] == "cancelled"
     _, answer = http(dispatch_server, "GET", f"/api/jobs/status?jobId={cancelled['jobId']}", token=login(dispatch_server))

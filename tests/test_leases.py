@@ -247,6 +247,8 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_jobs(tmp_path):
     db.executescript(old_schema)
     db.execute("INSERT INTO jobs (id, seq, command, timeout, priority, priority_rank, status, submitted_by,"
                " created_at) VALUES ('job-old', 1, 'make', 60, 'normal', 1, 'queued', 'u', '2026-01-01T00:00:00.000Z')")
+    db.execute("INSERT INTO workers (id, token_hash, hostname, cpu_count, registered_at, last_heartbeat)"
+               " VALUES ('w', 'hash', 'h', 4, '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')")
     db.commit()
     db.close()
 
@@ -254,8 +256,10 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_jobs(tmp_path):
     try:
         job = await store.job_by_id("job-old")
         claimed = await store.claim_next_job("w", "[]", "run-a", 1)
+        worker = await store.worker_by_id("w", "2026-01-01T00:00:00.000Z")
     finally:
         await store.close()
 
     assert (job["command"], job["losses"], claimed["id"], claimed["claim_run"]) == ("make", 0, "job-old", "run-a")
+    assert (claimed["cpus"], worker["cpus"], worker["memory_mb"]) == (1, 4, 0)  # it offers what it has
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == dispatch.SCHEMA_VERSION

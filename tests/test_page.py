@@ -16,7 +16,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, make_zip
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, ServerProcess, make_zip, server_environment
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the page tests need Playwright (pip install playwright)")
 
@@ -43,7 +43,7 @@ expect.set_options(timeout=TIMEOUT_MS)
 def farm(tmp_path_factory):
     folder = tmp_path_factory.mktemp("page")
     server = start_server(folder)
-    agent = Agent(folder / "desktop", server.url, WORKER_ID, "--concurrency", "2", "--tags", "linux")
+    agent = Agent(folder / "desktop", server.url, WORKER_ID, "--concurrency", "2", "--cpus", "2", "--tags", "linux")
     try:
         api = Api(server.url).login()
         api.wait_for_worker(WORKER_ID, agent)
@@ -327,6 +327,25 @@ def test_output_with_html_and_ansi_stays_text(page, api):
     assert red.evaluate("el => getComputedStyle(el).fontWeight") == "700"
 
 
+def test_a_queued_job_says_what_it_waits_for_and_links_its_parents_and_children(page, api):
+    parent = api.submit("true", tags=["windows"], memoryMb=1)  # no desktop here has the tag
+    child = api.submit("true", after=[parent], cpus=2)
+
+    open_logged_in(page, f"/#/jobs/{child}")
+    expect(page.locator("#job-waiting")).to_have_text(f"waiting for {parent} (queued)")
+    expect(page.locator("#job-meta")).to_contain_text("2 cpus")
+    page.locator("#job-parents a").click()
+
+    expect(page).to_have_url(re.compile(f"#/jobs/{parent}$"))
+    expect(page.locator("#job-waiting")).to_have_text("no online worker has tags windows")
+    expect(page.locator("#job-meta")).to_contain_text("1 cpu · 1 MB memory")
+    expect(page.locator("#job-children a")).to_have_attribute("href", f"#/jobs/{child}")
+    api.call("POST", "/api/jobs/cancel", {"jobId": parent})
+    expect(page.locator("#job-status")).to_have_text("cancelled")
+    expect(page.locator("#job-waiting")).to_have_count(0)
+    assert api.status(child)["error"] == f"parent {parent} cancelled"
+
+
 def test_jobs_table_filters_sort_and_pages(page, api):
     # Jobs tagged for no worker stay queued: a stable set to page through.
     parked = [api.submit(f"echo parked {n}", tags=["parked"]) for n in range(27)]
@@ -451,3 +470,49 @@ def test_a_retried_job_shows_the_output_of_its_new_attempt_alone(page, api, tmp_
     assert job["stdout"] == "".join(f"second-{i}\n" for i in range(1, 101))
     shown = shown_output(page, job["stdout"])
     assert shown == job["stdout"], f"{shown.count(chr(10))} lines shown of {job['stdout'].count(chr(10))}"
+
+
+def test_an_admin_approves_a_pending_desktop_on_the_page_and_its_agent_runs_the_queued_job(browser, tmp_path):
+    """With DISPATCH_APPROVE_WORKERS=1 a real agent registers as pending and keeps polling, running
+    nothing; a user sees it waiting, an admin approves it on the page, and the job runs."""
+    server = ServerProcess(tmp_path / "data", server_environment(DISPATCH_HEARTBEAT_INTERVAL="2",
+                                                                 DISPATCH_APPROVE_WORKERS="1")).start()
+    agent = Agent(tmp_path / "desktop", server.url, "new-desktop")
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=server.url)
+    problems: list[str] = []
+    try:
+        api = Api(server.url).login()
+        api.wait_for_worker("new-desktop", agent)
+        job_id = api.submit("echo approved")
+        assert api.call("POST", "/api/users", {"email": "dev@example.com", "password": "dev-password"})[0] == 201
+        as_user = browser.new_page(base_url=server.url)
+        as_user.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+        as_user.goto("/")
+        as_user.fill("#login-form [name=email]", "dev@example.com")
+        as_user.fill("#login-form [name=password]", "dev-password")
+        as_user.click("#login-form button[type=submit]")
+        user_row = as_user.locator("#workers tbody tr[data-worker=new-desktop]")
+        expect(user_row.locator(".s-pending")).to_have_text("pending")
+        expect(user_row.get_by_role("button", name="Approve")).to_have_count(0)  # only an admin approves
+        as_user.context.close()
+
+        page = context.new_page()
+        page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+        open_logged_in(page)
+        row = page.locator("#workers tbody tr[data-worker=new-desktop]")
+        expect(row.locator(".s-pending")).to_have_text("pending")
+        expect(page.locator("#workers-summary")).to_contain_text("1 waiting for approval")
+        assert api.status(job_id)["status"] == "queued"  # the agent has polled for seconds by now
+
+        row.get_by_role("button", name="Approve").click()
+
+        expect(row.locator(".s-pending")).to_have_count(0)
+        expect(row.get_by_role("button", name="Approve")).to_have_count(0)
+        job = api.wait(job_id)
+        assert (job["status"], job["stdout"], job["workerId"]) == ("completed", "approved\n", "new-desktop")
+        assert agent.process.poll() is None, agent.log()
+    finally:
+        context.close()
+        agent.stop()
+        server.stop()
+    assert not problems, problems

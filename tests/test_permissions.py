@@ -17,7 +17,8 @@ REFUSED = {"none": 401, "garbage": 401, "expired": 401, "alg-none": 401, "wrong-
 
 
 class World:
-    """Owner and other user, admin, a worker holding the owner's job on the owner's file, another worker."""
+    """Owner (also by its personal API token, "owner-api") and other user, admin, a worker holding
+    the owner's job on the owner's file, another worker."""
 
     async def build(self, api: Api, config) -> "World":
         self.api = api
@@ -31,6 +32,8 @@ class World:
         self.worker = await api.register("worker-a")
         self.other_worker = await api.register("worker-b")
         self.job = await api.claim(self.worker)
+        created = await api.call("POST", "/api/auth/tokens", token=self.owner, json={"name": "matrix"})
+        self.api_token = await created.json()  # the owner's personal API token
         secret = (config.data_path / "jwt_secret").read_text()
         now = int(time.time())
         claims = {"sub": owner_id, "role": "user", "jti": "j1", "iat": now - 100}
@@ -44,7 +47,7 @@ class World:
 
     def headers(self, caller: str) -> dict[str, str]:
         tokens = {"owner": self.owner, "other": self.other, "admin": self.admin, "registration": REGISTRATION_TOKEN,
-                  **self.forged}
+                  "owner-api": self.api_token["token"], **self.forged}
         if caller in tokens:
             return {"Authorization": f"Bearer {tokens[caller]}"}
         if caller == "worker":
@@ -60,30 +63,42 @@ def held(world: World, **extra) -> dict:
 
 # (name, method, path, body, expected status by caller in order)
 MATRIX = [
-    ("login-me", "GET", "/api/auth/me", None, {**REFUSED, "worker": 403, "owner": 200}),
+    ("login-me", "GET", "/api/auth/me", None, {**REFUSED, "worker": 403, "owner-api": 200, "owner": 200}),
     ("logout", "POST", "/api/auth/logout", None, {**REFUSED, "worker": 403, "owner": 200}),
-    ("list-users", "GET", "/api/users", None, {**REFUSED, "owner": 403, "worker": 403, "admin": 200}),
+    ("refresh", "POST", "/api/auth/refresh", None,
+     {"none": 401, "garbage": 401, "alg-none": 401, "wrong-key": 401, "worker": 401, "owner-api": 401, "owner": 200}),
+    ("create-api-token", "POST", "/api/auth/tokens", lambda w: {"name": "n"},
+     {**REFUSED, "worker": 403, "registration": 401, "owner-api": 201, "owner": 201}),
+    ("list-api-tokens", "GET", "/api/auth/tokens", None, {**REFUSED, "worker": 403, "owner-api": 200, "owner": 200}),
+    ("delete-api-token", "DELETE", "/api/auth/tokens/{api_token}", None,
+     {**REFUSED, "worker": 403, "other": 404, "admin": 404, "owner": 200}),
+    ("list-users", "GET", "/api/users", None, {**REFUSED, "owner": 403, "owner-api": 403, "worker": 403, "admin": 200}),
     ("add-user", "POST", "/api/users", lambda w: {"email": "new@example.com", "password": "new-password"},
      {**REFUSED, "owner": 403, "worker": 403, "admin": 201}),
     ("register", "POST", "/api/workers/register", lambda w: {"workerId": "w-new", "hostname": "h"},
-     {**REFUSED, "owner": 403, "worker": 403, "registration": 201}),
+     {**REFUSED, "owner": 403, "owner-api": 403, "worker": 403, "registration": 201}),
     ("register-by-admin", "POST", "/api/workers/register", lambda w: {"workerId": "w-new", "hostname": "h"},
      {"admin": 201}),
     ("heartbeat", "POST", "/api/workers/heartbeat", lambda w: {"workerId": "worker-a", "status": "busy"},
-     {**REFUSED, "owner": 403, "admin": 403, "other-worker": 403, "worker": 200}),
+     {**REFUSED, "owner": 403, "owner-api": 403, "admin": 403, "other-worker": 403, "worker": 200}),
     ("list-workers", "GET", "/api/workers/list", None, {**REFUSED, "worker": 403, "owner": 200, "admin": 200}),
     ("get-worker", "GET", "/api/workers/worker-a", None, {**REFUSED, "worker": 403, "owner": 200}),
     ("delete-worker", "DELETE", "/api/workers/worker-b", None,
      {**REFUSED, "owner": 403, "other-worker": 403, "admin": 200}),
+    ("approve-worker", "POST", "/api/workers/approve", lambda w: {"workerId": "worker-b"},
+     {**REFUSED, "owner": 403, "owner-api": 403, "worker": 403, "registration": 401, "admin": 200}),
+    ("rotate-registration-token", "POST", "/api/workers/registration-token", None,  # pinned here: 409
+     {**REFUSED, "owner": 403, "owner-api": 403, "worker": 403, "registration": 401, "admin": 409}),
     ("submit", "POST", "/api/jobs/submit", lambda w: {"command": "make"},
-     {**REFUSED, "worker": 403, "owner": 201, "admin": 201}),
+     {**REFUSED, "worker": 403, "owner-api": 201, "owner": 201, "admin": 201}),
     ("submit-with-anothers-file", "POST", "/api/jobs/submit", lambda w: {"command": "make", "fileUrl": w.url},
      {"other": 400, "owner": 201, "admin": 201}),
     ("status", "GET", "/api/jobs/status?jobId={job}", None, {**REFUSED, "worker": 403, "other": 200, "owner": 200}),
     ("list-jobs", "GET", "/api/jobs/list", None, {**REFUSED, "worker": 403, "other": 200, "owner": 200}),
-    ("get-job", "GET", "/api/jobs/get-job", None, {**REFUSED, "owner": 403, "admin": 403, "worker": 204}),
+    ("get-job", "GET", "/api/jobs/get-job", None,
+     {**REFUSED, "owner": 403, "owner-api": 403, "admin": 403, "worker": 204}),
     ("stream-output", "POST", "/api/jobs/stream-output", lambda w: held(w, data="x", type="stdout"),
-     {**REFUSED, "owner": 403, "admin": 403, "other-worker": 409, "worker": 200}),
+     {**REFUSED, "owner": 403, "owner-api": 403, "admin": 403, "other-worker": 409, "worker": 200}),
     ("submit-result", "POST", "/api/jobs/submit-result", lambda w: held(w, exitCode=0),
      {**REFUSED, "owner": 403, "admin": 403, "other-worker": 409, "worker": 200}),
     ("cancel-by-owner", "POST", "/api/jobs/cancel", lambda w: {"jobId": w.job_id},
@@ -91,7 +106,7 @@ MATRIX = [
     ("cancel-by-admin", "POST", "/api/jobs/cancel", lambda w: {"jobId": w.job_id}, {"admin": 200}),
     ("upload", "POST", "/api/files/upload", "file", {**REFUSED, "worker": 403, "owner": 201}),
     ("download", "GET", "/api/files/download/{file}", None,
-     {**REFUSED, "other": 403, "other-worker": 403, "worker": 200, "owner": 200, "admin": 200}),
+     {**REFUSED, "other": 403, "other-worker": 403, "worker": 200, "owner-api": 200, "owner": 200, "admin": 200}),
     ("upload-url", "GET", "{url}", None,
      {**REFUSED, "other": 403, "other-worker": 403, "worker": 200, "owner": 200, "admin": 200}),
     ("delete-user", "DELETE", "/api/users/{owner_id}", None, {**REFUSED, "other": 403, "worker": 403, "admin": 200}),
@@ -102,7 +117,8 @@ MATRIX = [
 async def test_permission_matrix(api, config, name, method, path, body, expected):
     world = await World().build(api, config)
     me = await (await api.call("GET", "/api/auth/me", token=world.owner)).json()
-    path = path.format(job=world.job_id, file=world.file_id, url=world.url, owner_id=me["user"]["id"])
+    path = path.format(job=world.job_id, file=world.file_id, url=world.url, owner_id=me["user"]["id"],
+                       api_token=world.api_token["id"])
     got = {}
     api.forget_cookies()  # every caller brings only its own credentials
     for caller in expected:

@@ -1,10 +1,12 @@
 """The WebSocket of job events: what it sends and in which order, narrowing to one job, who may
-connect, and that a client that never reads slows nobody else."""
+connect, that a client that never reads slows nobody else and costs a bounded backlog, and that
+a socket closes when its access ends (logout, revoked token, deleted user)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import socket
@@ -13,7 +15,8 @@ import time
 import aiohttp
 import pytest
 
-from conftest import REGISTRATION_TOKEN, Api
+import dispatch
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, Api
 
 STREAM = "/api/jobs/stream"
 
@@ -46,6 +49,14 @@ async def no_event_within(ws, seconds: float) -> bool:
     except asyncio.TimeoutError:
         return True
     raise AssertionError(f"unexpected message: {message}")
+
+
+async def stream_output(api: Api, worker: str, job_id: str, data: str) -> int:
+    """Post a chunk of output as a stream, as a large one must go (aiohttp warns of big bytes bodies)."""
+    body = io.BytesIO(json.dumps({"jobId": job_id, "data": data, "type": "stdout"}).encode())
+    response = await api.call("POST", "/api/jobs/stream-output", worker=worker, data=body,
+                              headers={"Content-Type": "application/json"})
+    return response.status
 
 
 async def run_job(api: Api, admin: str, worker: str, job_id: str, lines: list[str], exit_code: int = 0) -> None:
@@ -239,3 +250,111 @@ async def test_a_client_that_never_reads_blocks_neither_other_clients_nor_the_ap
     assert [int(e["data"][:5]) for e in received] == list(range(count))
     assert slowest < 1.0
     assert time.monotonic() - started < 15
+
+
+async def test_a_client_that_never_reads_is_closed_within_a_bounded_backlog_of_bytes(client, api):
+    """Large chunks fill a silent client's backlog long before any count of events would: it is
+    closed once it is WS_BACKLOG_BYTES behind, and what it had waiting is freed at once."""
+    hub = client.app[dispatch.HUB]
+    admin = await api.admin()
+    worker = await api.register()
+    job_id = await api.submit(admin, "chatty")
+    await api.claim(worker)
+    silent = await open_silent_client(api, admin)
+    listener = await connect(api, admin)
+    chunk = "x" * (1024 * 1024)
+    count = 32  # 32 MB: far past the silent client's socket buffers and its backlog
+    received: list[dict] = []
+
+    async def listen() -> None:
+        while len(received) < count:
+            event = await next_event(listener, timeout=5)
+            if event["type"] == "job.output":
+                received.append(event)
+
+    listening = asyncio.ensure_future(listen())
+    largest_backlog = 0
+    try:
+        for n in range(count):
+            assert await stream_output(api, worker, job_id, f"{n:05d}" + chunk) == 200
+            largest_backlog = max(largest_backlog, hub.backlog_bytes)
+        await asyncio.wait_for(listening, 10)
+    finally:
+        listening.cancel()
+        silent.close()
+
+    assert largest_backlog <= dispatch.WS_BACKLOG_BYTES + 2 * len(chunk)
+    assert hub.client_count == 1  # the silent one is gone; the listener kept up and stays
+    assert hub.backlog_bytes == 0
+    assert [int(e["data"][:5]) for e in received] == list(range(count))
+    await listener.close()
+
+
+async def test_one_output_chunk_larger_than_the_backlog_bound_still_reaches_a_client(api):
+    admin = await api.admin()
+    worker = await api.register()
+    job_id = await api.submit(admin, "big")
+    await api.claim(worker)
+    ws = await api.client.ws_connect(f"{STREAM}?jobId={job_id}", headers={"Authorization": f"Bearer {admin}"},
+                                     max_msg_size=0)  # aiohttp's client takes 4 MB messages by default
+    data = "y" * (dispatch.WS_BACKLOG_BYTES + 1024)
+
+    status = await stream_output(api, worker, job_id, data)
+    event = await next_event(ws, timeout=5)
+
+    assert status == 200
+    assert (event["type"], event["data"] == data) == ("job.output", True)
+    await ws.close()
+
+
+# -- access that ends closes the WebSocket ---------------------------------------
+
+
+async def closed_with(ws, timeout: float = 2.0) -> tuple[int, str]:
+    """The close code and reason the server sent, skipping any events before it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await asyncio.wait_for(ws.receive(), max(0.01, deadline - time.monotonic()))
+        if message.type == aiohttp.WSMsgType.CLOSE:
+            return message.data, message.extra
+        assert message.type == aiohttp.WSMsgType.TEXT, message
+
+
+async def test_logging_out_closes_that_tokens_websockets_and_no_others(api):
+    token = await api.login(ADMIN_EMAIL, ADMIN_PASSWORD)
+    other = await api.login(ADMIN_EMAIL, ADMIN_PASSWORD)
+    api.forget_cookies()
+    ended = await connect(api, token)
+    kept = await connect(api, other)
+
+    assert (await api.call("POST", "/api/auth/logout", token=token)).status == 200
+    job_id = await api.submit(other, "after the logout")
+
+    assert await closed_with(ended) == (aiohttp.WSCloseCode.POLICY_VIOLATION, "logged out")
+    assert (await next_event(kept))["jobId"] == job_id
+    await kept.close()
+
+
+async def test_deleting_a_user_closes_their_websockets(api):
+    token, user_id = await api.new_user()
+    api.forget_cookies()
+    ws = await connect(api, token)
+
+    assert (await api.call("DELETE", f"/api/users/{user_id}", token=await api.admin())).status == 200
+    await api.submit(await api.admin(), "after the deletion")
+
+    assert await closed_with(ws) == (aiohttp.WSCloseCode.POLICY_VIOLATION, "user deleted")
+
+
+async def test_revoking_an_api_token_closes_its_websockets(api):
+    admin = await api.admin()
+    created = await (await api.call("POST", "/api/auth/tokens", token=admin, json={"name": "wall screen"})).json()
+    api.forget_cookies()
+    ws = await connect(api, created["token"])
+
+    assert (await api.call("DELETE", f"/api/auth/tokens/{created['id']}", token=admin)).status == 200
+
+    assert await closed_with(ws) == (aiohttp.WSCloseCode.POLICY_VIOLATION, "token revoked")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await connect(api, created["token"])
+    assert refused.value.status == 401
