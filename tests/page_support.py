@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import REGISTRATION_TOKEN, ROOT, LiveApi, ServerProcess, server_environment
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("DISPATCH_TEST_CHROMIUM", "/usr/bin/chromium")  # CI elsewhere: Google Chrome
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
