@@ -19,9 +19,11 @@ Endpoints (the route table in ``create_app`` is the index):
   GET/POST /api/users, DELETE /api/users/{id}                               (admin)
   POST /api/workers/register, /api/workers/heartbeat
   GET /api/workers/list, /api/workers/{id}; DELETE /api/workers/{id}
-  POST /api/workers/approve, /api/workers/registration-token                (admin)
+  POST /api/workers/approve, /pause, /resume, /api/workers/registration-token  (admin)
   POST /api/jobs/submit (one job, or a batch: {"jobs": [...]}), /api/jobs/cancel
-  GET /api/jobs/status, /api/jobs/list, /api/jobs/stream (WebSocket)
+  GET /api/jobs/status, /api/jobs/list, /api/jobs/stream (WebSocket), /api/jobs/follow (server-sent events)
+  GET /api/jobs/artifacts (owner, admin); POST /api/jobs/artifacts                  (workers)
+  POST /api/blobs/missing, /api/blobs/batch; PUT /api/blobs/{sha256}; POST /api/blobs/fetch (workers)
   GET /api/jobs/get-job; POST /api/jobs/stream-output, /api/jobs/submit-result    (workers)
   POST /api/files/upload; GET /api/files/download/{fileId}, /uploads/{fileId}/{name}
   GET / (the web page), /api/health, /metrics
@@ -53,6 +55,7 @@ import secrets
 import shutil
 import socket
 import sqlite3
+import struct
 import sys
 import time
 import urllib.parse
@@ -84,7 +87,7 @@ PAGE_PATH = Path(__file__).with_name("dispatch.html")
 PAGE_SECURITY_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
                         "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
                         "form-action 'self'")
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 
 TOKEN_LIFETIME = dt.timedelta(hours=24)
 REFRESH_GRACE = dt.timedelta(days=7)  # an expired token may still be refreshed this long
@@ -114,7 +117,19 @@ SELF_AUTHENTICATING = frozenset({LOGIN_PATH, REFRESH_PATH})
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 FILE_ID_PATTERN = re.compile(r"file-[0-9a-f]{32}")
 UPLOAD_ROUTE = "/uploads/{file_id}/{name}"  # the one place an upload's URL is spelled
+ARTIFACTS_PATH = "/api/jobs/artifacts"  # a job's artifacts zip: POST by its worker, GET by its owner
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an agent process's id for its get-job polls
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")  # a blob's name: the lowercase hex SHA-256 of its content
+MAX_TREE_ENTRIES = 100_000  # files of one inputTree (the agent's zip entry limit)
+MAX_TREE_PATH_BYTES = 4096
+MAX_MISSING_QUERY = 100_000  # hashes one POST /api/blobs/missing may ask about
+MAX_FETCH_BLOBS = 10_000  # blobs one POST /api/blobs/fetch may ask for
+MAX_ARTIFACT_PATTERNS = 100
+ARTIFACTS_WHEN = ("on_success", "on_failure", "always")
+MAX_ENV_VARS = 100
+MAX_ENV_BYTES = 32 * 1024  # names and values of a job's env together
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SSE_KEEPALIVE_SECONDS = 15.0  # a comment line this often keeps a quiet follow open through proxies
 
 
 class JobState(str, Enum):
@@ -130,9 +145,12 @@ class WorkerState(str, Enum):
 
     AVAILABLE = "available"
     PENDING = "pending"  # registered, waiting for an admin's approval
+    PAUSED = "paused"  # by an admin, or (shown only: see worker_state) by its agent for its owner
 
 
 PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
+FINISHED_STATES = frozenset({JobState.COMPLETED.value, JobState.FAILED.value, JobState.CANCELLED.value})
+STREAMS = ("stdout", "stderr")
 
 
 class Resource(NamedTuple):
@@ -324,12 +342,17 @@ SETTINGS: tuple[Setting, ...] = (
             "requests per minute per user or IP; 0 turns limiting off"),
     Setting("worker_rate_limit", None, "DISPATCH_WORKER_RATE_LIMIT", int, 6000,
             "requests per minute per worker (output streaming); 0 turns it off"),
-    Setting("max_upload_mb", None, "DISPATCH_MAX_UPLOAD_MB", int, 500, "largest upload in MB"),
-    Setting("file_ttl_days", None, "DISPATCH_FILE_TTL_DAYS", int, 30, "days an upload is kept"),
+    Setting("max_upload_mb", None, "DISPATCH_MAX_UPLOAD_MB", int, 500, "largest upload (or blob) in MB"),
+    Setting("max_artifact_mb", None, "DISPATCH_MAX_ARTIFACT_MB", int, 1024,
+            "largest artifacts zip of one job in MB; past it the job ends without artifacts and says why"),
+    Setting("file_ttl_days", None, "DISPATCH_FILE_TTL_DAYS", int, 30,
+            "days an upload is kept, and a blob no job or input tree has used"),
     Setting("heartbeat_interval", None, "DISPATCH_HEARTBEAT_INTERVAL", float, 30.0,
             "seconds between agent heartbeats; offline after three missed"),
     Setting("max_output_mb", None, "DISPATCH_MAX_OUTPUT_MB", int, 10, "output kept per stream per job in MB"),
     Setting("job_retention_days", None, "DISPATCH_JOB_RETENTION_DAYS", int, 30, "days finished jobs are kept"),
+    Setting("worker_retention_days", None, "DISPATCH_WORKER_RETENTION_DAYS", int, 7,
+            "days an offline worker is kept after its last heartbeat"),
     Setting("metrics_token", None, "DISPATCH_METRICS_TOKEN", str, "", "token for /metrics (unset: loopback only)"),
     Setting("public_url", None, "DISPATCH_PUBLIC_URL", str, "", "base of absolute URLs (unset: the request's host)"),
     Setting("cors_origins", None, "DISPATCH_CORS_ORIGINS", str, "",
@@ -358,10 +381,12 @@ class Config:
     rate_limit: int = 100
     worker_rate_limit: int = 6000
     max_upload_mb: int = 500
+    max_artifact_mb: int = 1024
     file_ttl_days: int = 30
     heartbeat_interval: float = 30.0
     max_output_mb: int = 10
     job_retention_days: int = 30
+    worker_retention_days: int = 7
     metrics_token: str = ""
     public_url: str = ""
     cors_origins: str = ""
@@ -407,7 +432,8 @@ class Config:
 def _make_data_dir_private(path: Path) -> None:
     """Create the data dir, and close what an older version left open: it holds password hashes,
     tokens and people's code, so every folder is 0700 and every file 0600, whatever the umask."""
-    (path / "uploads").mkdir(mode=0o700, parents=True, exist_ok=True)
+    for folder in ("uploads", "blobs", "artifacts"):
+        (path / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
     database = path / "dispatch.db"
     if not database.exists():  # SQLite gives its -wal and -shm files the database's mode
         os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -542,8 +568,9 @@ class Store:
 
     # -- retention -----------------------------------------------------------
 
-    async def delete_finished_jobs(self, before: str, batch: int = 500) -> int:
-        """Delete up to ``batch`` jobs that finished before ``before``, output first (no orphans)."""
+    async def delete_finished_jobs(self, before: str, batch: int = 500) -> list[str]:
+        """Delete up to ``batch`` jobs that finished before ``before``, output first (no orphans);
+        returns their ids (their artifacts go next)."""
         rows = await self._all("SELECT id FROM jobs WHERE completed_at < ? AND status IN"
                                " ('completed', 'failed', 'cancelled') LIMIT ?", (before, batch))
         if rows:
@@ -552,7 +579,7 @@ class Store:
             await self._write("DELETE FROM job_parents WHERE parent_id IN (SELECT value FROM json_each(:ids))"
                               " OR child_id IN (SELECT value FROM json_each(:ids))", {"ids": ids})
             await self._write("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
-        return len(rows)
+        return [row["id"] for row in rows]
 
     # -- users ---------------------------------------------------------------
 
@@ -624,11 +651,12 @@ class Store:
     # -- workers -------------------------------------------------------------
 
     # A worker's status and current job are derived, never stored: offline once its heartbeat is
-    # older than the cutoff, its current job the one it holds.
+    # older than the cutoff or its agent said it stops, its current job the one it holds.
     _WORKER_VIEW = """
         SELECT w.id, w.hostname, w.cpu_count, w.total_memory_mb, w.metadata, w.tags, w.reported_status,
                w.jobs_completed, w.registered_at, w.last_heartbeat, w.state, w.cpus, w.memory_mb, w.gpus,
-               CASE WHEN w.last_heartbeat < :cutoff THEN 'offline'
+               w.reported_pause,
+               CASE WHEN w.last_heartbeat < :cutoff OR w.reported_status = 'offline' THEN 'offline'
                     WHEN w.reported_status = 'error' THEN 'error'
                     ELSE 'online' END AS status,
                (SELECT j.id FROM jobs j WHERE j.worker_id = w.id AND j.status = 'running'
@@ -677,21 +705,44 @@ class Store:
         rows = await self._all(f"SELECT * {base} ORDER BY {order} LIMIT :limit OFFSET :offset", params)
         return total, rows
 
-    async def record_heartbeat(self, worker_id: str, status: str, jobs_completed: int | None, offers: dict) -> str:
+    async def record_heartbeat(self, worker_id: str, status: str, offers: dict) -> str:
         """Note that the worker is alive, and what it offers now ({column: amount}, None: as before);
         returns the time noted."""
         now = self._clock.iso()
         await self._write(
-            "UPDATE workers SET last_heartbeat = :now, reported_status = :status,"
-            " jobs_completed = COALESCE(:jobs_completed, jobs_completed), cpus = COALESCE(:cpus, cpus),"
+            "UPDATE workers SET last_heartbeat = :now, reported_status = :status, cpus = COALESCE(:cpus, cpus),"
             " memory_mb = COALESCE(:memory_mb, memory_mb), gpus = COALESCE(:gpus, gpus) WHERE id = :id",
-            {**offers, "now": now, "status": status, "jobs_completed": jobs_completed, "id": worker_id})
+            {**offers, "now": now, "status": status, "id": worker_id})
         return now
 
     async def delete_worker(self, worker_id: str) -> bool:
         deleted = await self._write("DELETE FROM workers WHERE id = ?", (worker_id,)) > 0
         self._forget_worker(worker_id)
         return deleted
+
+    async def delete_silent_workers(self, before: str) -> list[str]:
+        """Forget the workers not heard from since ``before``; returns their ids."""
+        rows = await self._all("DELETE FROM workers WHERE last_heartbeat < ? RETURNING id", (before,))
+        for row in rows:
+            self._forget_worker(row["id"])
+        return [row["id"] for row in rows]
+
+    async def workers_gone_silent(self, since: str, cutoff: str) -> list[dict]:
+        """Workers whose last heartbeat the offline cutoff passed as it moved from ``since`` to ``cutoff``."""
+        return await self._all(f"SELECT * FROM ({self._WORKER_VIEW}) WHERE last_heartbeat >= :since"
+                               " AND last_heartbeat < :cutoff AND reported_status != 'offline'",
+                               {"since": since, "cutoff": cutoff})
+
+    async def heartbeats_since(self, since: str) -> dict[str, str]:
+        """{worker id: last heartbeat} of the workers heard from since ``since``."""
+        rows = await self._all("SELECT id, last_heartbeat FROM workers WHERE last_heartbeat >= ?", (since,))
+        return {row["id"]: row["last_heartbeat"] for row in rows}
+
+    async def report_pause(self, worker_id: str, reason: str | None) -> bool:
+        """Note why the worker's agent takes no jobs now ("owner active"; None: it takes them);
+        True if that changed."""
+        return await self._write("UPDATE workers SET reported_pause = :reason WHERE id = :id"
+                                 " AND reported_pause IS NOT :reason", {"id": worker_id, "reason": reason}) > 0
 
     async def change_worker_state(self, worker_id: str, old: str, new: str) -> str | None:
         """Move the worker from state ``old`` to ``new`` (any other state stays); returns its state
@@ -722,12 +773,117 @@ class Store:
                               (worker_id, file_id))
         return row is not None
 
+    # -- blobs and input trees ---------------------------------------------------
+
+    # A blob's content is stored once, whoever sent it; each person who sent it is an owner, and only
+    # an owner (or an admin) may name it in a job: knowing a hash is not having the content.
+    _MAY_USE_BLOB = ("(:user IS NULL OR EXISTS (SELECT 1 FROM blob_owners o"
+                     " WHERE o.sha256 = b.sha256 AND o.user_id = :user))")
+
+    async def touch_usable_blobs(self, hashes: list[str], user_id: Optional[str]) -> set[str]:
+        """Of ``hashes``, the stored blobs the user may use (``user_id`` None: an admin, any of them),
+        marked as used now, so that no sweep takes them before the submit that follows."""
+        rows = await self._all(
+            f"UPDATE blobs AS b SET last_used_at = :now WHERE sha256 IN (SELECT value FROM json_each(:hashes))"
+            f" AND {self._MAY_USE_BLOB} RETURNING sha256",
+            {"now": self._clock.iso(), "hashes": json.dumps(hashes), "user": user_id})
+        return {row["sha256"] for row in rows}
+
+    async def add_blobs(self, blobs: list[dict], owner_id: str) -> None:
+        """Record blobs whose content is on disk now ({"sha256", "size"} each), and that ``owner_id``
+        sent them."""
+        params = {"items": json.dumps(blobs), "now": self._clock.iso(), "owner": owner_id}
+        await self._write(
+            "INSERT INTO blobs (sha256, size, created_at, last_used_at)"
+            " SELECT json_extract(value, '$.sha256'), json_extract(value, '$.size'), :now, :now"
+            " FROM json_each(:items) WHERE true"  # WHERE: so that ON CONFLICT is not read as a join's ON
+            " ON CONFLICT (sha256) DO UPDATE SET last_used_at = excluded.last_used_at", params)
+        await self._write("INSERT OR IGNORE INTO blob_owners (sha256, user_id)"
+                          " SELECT json_extract(value, '$.sha256'), :owner FROM json_each(:items)", params)
+
+    async def tree_problem(self, tree: str, user_id: Optional[str]) -> dict | None:
+        """The first entry of an input tree (JSON) whose blob is not stored, is not the user's to use
+        (``user_id`` None: an admin), or has another size than the entry says; None if all are fine."""
+        return await self._one(
+            f"""SELECT json_extract(t.value, '$.path') AS path, json_extract(t.value, '$.sha256') AS sha256,
+                       json_extract(t.value, '$.size') AS size, b.size AS stored_size,
+                       b.sha256 IS NOT NULL AND {self._MAY_USE_BLOB} AS usable
+                FROM json_each(:tree) t LEFT JOIN blobs b ON b.sha256 = json_extract(t.value, '$.sha256')
+                WHERE b.sha256 IS NULL OR NOT {self._MAY_USE_BLOB} OR b.size != json_extract(t.value, '$.size')
+                LIMIT 1""", {"tree": tree, "user": user_id})
+
+    async def keep_tree(self, tree_id: str, tree: str, files: int, size: int) -> None:
+        """Store an input tree (JSON) under its id (a hash of it; kept once however many jobs use it)
+        and mark it and its blobs used now."""
+        params = {"id": tree_id, "tree": tree, "files": files, "size": size, "now": self._clock.iso()}
+        await self._write(
+            "INSERT INTO input_trees (id, tree, files, size, created_at, last_used_at)"
+            " VALUES (:id, :tree, :files, :size, :now, :now)"
+            " ON CONFLICT (id) DO UPDATE SET last_used_at = excluded.last_used_at", params)
+        await self._write("INSERT OR IGNORE INTO tree_blobs (tree_id, sha256)"
+                          " SELECT :id, json_extract(value, '$.sha256') FROM json_each(:tree)", params)
+        await self._write("UPDATE blobs SET last_used_at = :now"
+                          " WHERE sha256 IN (SELECT sha256 FROM tree_blobs WHERE tree_id = :id)", params)
+
+    async def tree_by_id(self, tree_id: str) -> list[dict] | None:
+        row = await self._one("SELECT tree FROM input_trees WHERE id = ?", (tree_id,))
+        return json.loads(row["tree"]) if row else None
+
+    async def blobs_of_held_job(self, worker_id: str, job_id: str, attempt: Optional[int],
+                                hashes: list[str]) -> dict[str, int] | None:
+        """The sizes of ``hashes`` if the worker holds the job (that attempt, if given) and they are all
+        in its input tree; None otherwise."""
+        rows = await self._all(
+            """SELECT b.sha256, b.size FROM jobs j JOIN tree_blobs t ON t.tree_id = j.input_tree_id
+                 JOIN blobs b ON b.sha256 = t.sha256
+               WHERE j.id = :job AND j.worker_id = :worker AND j.status = 'running'
+                 AND (:attempt IS NULL OR j.attempt = :attempt)
+                 AND t.sha256 IN (SELECT value FROM json_each(:hashes))""",
+            {"job": job_id, "worker": worker_id, "attempt": attempt, "hashes": json.dumps(hashes)})
+        sizes = {row["sha256"]: row["size"] for row in rows}
+        return sizes if len(sizes) == len(set(hashes)) else None
+
+    async def expire_trees_and_blobs(self, before: str, batch: int = 500) -> list[str]:
+        """Delete input trees no job uses that were last used before ``before``, then up to ``batch``
+        blobs no tree holds that were last used before it; returns those blobs' hashes (their files go
+        next). A tree or blob used again meanwhile is kept."""
+        params = {"before": before, "batch": batch}
+        trees = await self._all(
+            "DELETE FROM input_trees WHERE id IN (SELECT id FROM input_trees WHERE last_used_at < :before"
+            " AND NOT EXISTS (SELECT 1 FROM jobs WHERE input_tree_id = input_trees.id) LIMIT :batch)"
+            " RETURNING id", params)
+        if trees:
+            await self._write("DELETE FROM tree_blobs WHERE tree_id IN (SELECT value FROM json_each(?))"
+                              " AND tree_id NOT IN (SELECT id FROM input_trees)",  # kept again since
+                              (json.dumps([row["id"] for row in trees]),))
+        blobs = await self._all(
+            "DELETE FROM blobs WHERE sha256 IN (SELECT sha256 FROM blobs b WHERE last_used_at < :before"
+            " AND NOT EXISTS (SELECT 1 FROM tree_blobs t WHERE t.sha256 = b.sha256) LIMIT :batch)"
+            " RETURNING sha256", params)
+        hashes = [row["sha256"] for row in blobs]
+        if hashes:
+            await self._write("DELETE FROM blob_owners WHERE sha256 IN (SELECT value FROM json_each(?))"
+                              " AND sha256 NOT IN (SELECT sha256 FROM blobs)", (json.dumps(hashes),))
+        return hashes
+
+    # -- artifacts ---------------------------------------------------------------
+
+    async def record_artifacts(self, job: dict, artifacts: dict) -> dict | None:
+        """Note the attempt's artifacts ({"size", "files", "sha256"}) or why it has none ({"error"}),
+        if the job's worker still holds the attempt; the job as it is now, or None."""
+        return await self._one(
+            f"""UPDATE jobs SET artifacts_attempt = :attempt, artifacts_size = :size, artifacts_files = :files,
+                  artifacts_sha256 = :sha256, artifacts_error = :artifacts_error
+                WHERE {self._HOLDER} RETURNING *""",
+            {"id": job["id"], "worker_id": job["worker_id"], "attempt": job["attempt"], "size": None,
+             "files": None, "sha256": None, "artifacts_error": None, **artifacts})
+
     # -- jobs ----------------------------------------------------------------
 
     # What a submit says about each job; the insert adds seq, status, created_at and parents_left.
     _SUBMITTED = ("id", "command", "file_id", "file_name", "file_sha256", "working_directory", "timeout", "priority",
                   "priority_rank", "tags", "max_attempts", "retries", "cpus", "memory_mb", "gpus", "after",
-                  "submitted_by")
+                  "submitted_by", "artifact_patterns", "artifacts_when", "input_tree_id", "env")
 
     async def insert_jobs(self, jobs: list[dict]) -> list[dict]:
         """Queue jobs in the given order, all or none: one statement. Each counts its parents not
@@ -796,9 +952,9 @@ class Store:
             {"owner": job["submitted_by"], "rank": job["priority_rank"], "seq": job["seq"], "limit": limit})
 
     async def online_workers(self, cutoff: str) -> list[dict]:
-        """Workers heard from since ``cutoff``: their tags, state and offers."""
-        return await self._all("SELECT id, tags, state, cpus, memory_mb, gpus FROM workers WHERE last_heartbeat >= ?"
-                               " ORDER BY id", (cutoff,))
+        """Workers heard from since ``cutoff`` that have not said they stop: their tags, state and offers."""
+        return await self._all("SELECT id, tags, state, reported_pause, cpus, memory_mb, gpus FROM workers"
+                               " WHERE last_heartbeat >= ? AND reported_status != 'offline' ORDER BY id", (cutoff,))
 
     async def job_by_id(self, job_id: str) -> dict | None:
         return await self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -822,19 +978,20 @@ class Store:
         seeks in jobs_ready, so the cost grows with the number of people, not of queued jobs.
 
         One UPDATE, so two workers polling at once can never both get a job, nor one worker more
-        than it has room for; and a worker that may not take jobs (pending approval) gets none,
-        whatever its caller believed."""
+        than it has room for; and a worker that may not take jobs (pending approval, paused by an
+        admin or by its agent) gets none, whatever its caller believed."""
         return await self._one(
             f"""UPDATE jobs SET status = 'running', worker_id = :worker, attempt = attempt + 1, started_at = :now,
                                command_started_at = NULL, claim_run = :run, claim_poll = :poll,
-                               stdout_chars = 0, stderr_chars = 0
+                               stdout_chars = 0, stderr_chars = 0, suspended_at = NULL, suspended_seconds = 0
                 WHERE id = (
                   WITH RECURSIVE {self._OWNERS},
                     free AS (SELECT w.cpus - COALESCE(SUM(r.cpus), 0) AS cpus,
                                     w.memory_mb - COALESCE(SUM(r.memory_mb), 0) AS memory_mb,
                                     w.gpus - COALESCE(SUM(r.gpus), 0) AS gpus
                              FROM workers w LEFT JOIN jobs r ON r.worker_id = w.id AND r.status = 'running'
-                             WHERE w.id = :worker AND w.state = 'available' GROUP BY w.id),
+                             WHERE w.id = :worker AND w.state = 'available' AND w.reported_pause IS NULL
+                             GROUP BY w.id),
                     firsts AS (SELECT (SELECT j.id FROM jobs j, free
                                         WHERE j.status = 'queued' AND j.parents_left = 0 AND j.submitted_by = owners.id
                                           AND j.cpus <= free.cpus AND j.memory_mb <= free.memory_mb
@@ -863,6 +1020,15 @@ class Store:
         await self._write(
             f"UPDATE jobs SET command_started_at = :at WHERE {self._HOLDER} AND command_started_at IS NULL",
             {**job, "at": self._clock.iso(-running_for)})
+
+    async def set_suspended(self, job: dict, suspended: bool) -> dict | None:
+        """Note that the worker stopped the attempt's processes (or let them run on); the time
+        suspended is kept out of its timeout. None if the worker no longer holds it."""
+        return await self._one(
+            f"""UPDATE jobs SET suspended_at = CASE WHEN :suspended THEN COALESCE(suspended_at, :now) END,
+                  suspended_seconds = suspended_seconds + CASE WHEN :suspended OR suspended_at IS NULL THEN 0
+                      ELSE (julianday(:now) - julianday(suspended_at)) * 86400 END
+                WHERE {self._HOLDER} RETURNING *""", {**job, "suspended": suspended, "now": self._clock.iso()})
 
     async def append_output(self, job: dict, stream: str, data: str, cap: int) -> int | None:
         """Append a chunk to the attempt's stream if the job's worker still holds it; returns the
@@ -914,15 +1080,15 @@ class Store:
                   completed_at = CASE WHEN :status = 'queued' THEN NULL ELSE :now END,
                   worker_id = CASE WHEN :status = 'queued' THEN NULL ELSE worker_id END,
                   started_at = CASE WHEN :status = 'queued' THEN NULL ELSE started_at END,
-                  retried = retried + :spends_retry, losses = losses + :counts_loss
+                  retried = retried + :spends_retry, losses = losses + :counts_loss, suspended_at = NULL
                 WHERE {fence} RETURNING *""",
             {**job, **dataclasses.asdict(outcome), "now": self._clock.iso()})
 
     async def jobs_of_lost_workers(self, cutoff: str) -> list[dict]:
-        """Running jobs whose worker is offline (no heartbeat since ``cutoff``) or deleted."""
+        """Running jobs whose worker is offline (no heartbeat since ``cutoff``, or it said it stops) or deleted."""
         return await self._all(
-            "SELECT * FROM jobs WHERE status = 'running'"
-            " AND worker_id NOT IN (SELECT id FROM workers WHERE last_heartbeat >= ?)", (cutoff,))
+            "SELECT * FROM jobs WHERE status = 'running' AND worker_id NOT IN"
+            " (SELECT id FROM workers WHERE last_heartbeat >= ? AND reported_status != 'offline')", (cutoff,))
 
     async def unlisted_jobs(self, worker_id: str, running: list[str], run: str | None,
                             polled: int | None) -> list[dict]:
@@ -937,13 +1103,14 @@ class Store:
 
     async def overdue_jobs(self, grace: float) -> list[dict]:
         """Running jobs past their timeout plus ``grace`` seconds, counted from their command's
-        start. An agent that reports the start (it names its run) is not timed while it fetches
-        the input; its lease covers that. For other clients the clock starts at the claim."""
+        start, less the time it was suspended. An agent that reports the start (it names its run)
+        is not timed while it fetches the input; its lease covers that. For other clients the clock
+        starts at the claim."""
         return await self._all(
             """SELECT * FROM jobs WHERE status = 'running'
-                 AND (julianday(:now) - julianday(COALESCE(command_started_at,
-                                                           CASE WHEN claim_run IS NULL THEN started_at END)))
-                     * 86400 > timeout + :grace""", {"now": self._clock.iso(), "grace": grace})
+                 AND (julianday(COALESCE(suspended_at, :now))
+                      - julianday(COALESCE(command_started_at, CASE WHEN claim_run IS NULL THEN started_at END)))
+                     * 86400 - suspended_seconds > timeout + :grace""", {"now": self._clock.iso(), "grace": grace})
 
 
 # Each schema version's changes to the one before, for databases written by an older dispatch.
@@ -965,6 +1132,20 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE workers ADD COLUMN memory_mb INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE workers ADD COLUMN gpus INTEGER NOT NULL DEFAULT 0",
         "UPDATE workers SET cpus = COALESCE(cpu_count, 1), memory_mb = COALESCE(total_memory_mb, 0)"),
+    # Artifacts, input trees and env (the blobs, input_trees and tree_blobs tables: schema.sql).
+    5: ("ALTER TABLE jobs ADD COLUMN artifact_patterns TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE jobs ADD COLUMN artifacts_when TEXT NOT NULL DEFAULT 'on_success'",
+        "ALTER TABLE jobs ADD COLUMN input_tree_id TEXT",
+        "ALTER TABLE jobs ADD COLUMN env TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE jobs ADD COLUMN artifacts_attempt INTEGER",
+        "ALTER TABLE jobs ADD COLUMN artifacts_size INTEGER",
+        "ALTER TABLE jobs ADD COLUMN artifacts_files INTEGER",
+        "ALTER TABLE jobs ADD COLUMN artifacts_sha256 TEXT",
+        "ALTER TABLE jobs ADD COLUMN artifacts_error TEXT"),
+    # Desktops as good guests: an agent's own pause, and suspended jobs.
+    6: ("ALTER TABLE workers ADD COLUMN reported_pause TEXT",
+        "ALTER TABLE jobs ADD COLUMN suspended_at TEXT",
+        "ALTER TABLE jobs ADD COLUMN suspended_seconds REAL NOT NULL DEFAULT 0"),
 }
 
 
@@ -1165,6 +1346,105 @@ def _validate_timeout(value: Any) -> int:
     return math.ceil(value)
 
 
+def _relative_path_problem(path: str) -> Optional[str]:
+    """Why ``path`` (a tree entry or an artifacts pattern) could reach outside the folder it is
+    relative to, or could not be a file name anywhere; None if it cannot. The rules of the agent's
+    zip entries: no absolute path, drive letter, backslash, '..' or control character."""
+    if not path:
+        return "is empty"
+    if path.startswith("/"):
+        return "is an absolute path"
+    if re.match(r"[A-Za-z]:", path):
+        return "starts with a drive letter"
+    if "\\" in path:
+        return "contains a backslash"
+    if ".." in path.split("/"):
+        return "climbs out with '..'"
+    if any(ord(c) < 32 or c == "\x7f" for c in path):
+        return "contains a control character"
+    return None
+
+
+def _validate_artifacts(body: dict) -> tuple[list[str], str]:
+    """The artifacts patterns (relative to the working directory; they may not leave it) and when
+    to collect them."""
+    patterns = body.get("artifacts")
+    if patterns is None:
+        patterns = []
+    if not isinstance(patterns, list) or len(patterns) > MAX_ARTIFACT_PATTERNS or not all(
+            isinstance(p, str) and 0 < len(p) <= 1024 for p in patterns):
+        raise _invalid_field("artifacts", f"artifacts must be a list of at most {MAX_ARTIFACT_PATTERNS} glob "
+                                          "patterns (\"dist/**\", \"report.xml\")")
+    for pattern in patterns:
+        if problem := _relative_path_problem(pattern):
+            raise _invalid_field("artifacts", f"artifacts pattern {pattern!r} {problem}: patterns are relative "
+                                              "to the working directory and may not leave it")
+    when = body.get("artifactsWhen", "on_success")
+    if when not in ARTIFACTS_WHEN:
+        raise _invalid_field("artifactsWhen", f"artifactsWhen must be one of {', '.join(ARTIFACTS_WHEN)}")
+    return list(dict.fromkeys(patterns)), when
+
+
+def _validate_env(value: Any) -> dict[str, str]:
+    """Variables for the job's environment: names like shell variables, none of dispatch's own."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_ENV_VARS:
+        raise _invalid_field("env", f"env must be an object of at most {MAX_ENV_VARS} names to string values")
+    size = 0
+    for name, text in value.items():
+        if not ENV_NAME_PATTERN.fullmatch(name) or len(name) > 256:
+            raise _invalid_field("env", f"env name {name[:50]!r} must be letters, digits and '_', not starting "
+                                        "with a digit")
+        if name.upper().startswith("DISPATCH_"):
+            raise _invalid_field("env", f"env name {name} is reserved: dispatch sets DISPATCH_* itself")
+        if not isinstance(text, str) or "\0" in text:
+            raise _invalid_field("env", f"env value of {name} must be a string without NUL characters")
+        size += len(name.encode()) + len(text.encode())
+    if size > MAX_ENV_BYTES:
+        raise _invalid_field("env", f"env is larger than {MAX_ENV_BYTES} bytes (names and values)")
+    return value
+
+
+def _validate_input_tree(value: Any) -> tuple[str, str, int, int]:
+    """A checked input tree: (its canonical JSON, its id, files, bytes). Paths follow the rules of
+    zip entries; each blob's existence, size and owner are checked by ``Jobs.submit``."""
+    def bad(message: str) -> InvalidRequest:
+        return _invalid_field("inputTree", f"inputTree {message}")
+
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_TREE_ENTRIES:
+        raise bad(f"must be a list of 1 to {MAX_TREE_ENTRIES} files, each {{\"path\", \"sha256\", \"size\", \"mode\"}}")
+    entries, paths = [], set()
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict) or set(entry) - {"path", "sha256", "size", "mode"}:
+            raise bad(f"[{index}] must be an object with path, sha256, size and mode")
+        path, sha256, size, mode = entry.get("path"), entry.get("sha256"), entry.get("size"), entry.get("mode", 0o644)
+        if not isinstance(path, str) or len(path.encode()) > MAX_TREE_PATH_BYTES:
+            raise bad(f"[{index}].path must be a string of at most {MAX_TREE_PATH_BYTES} bytes")
+        parts = path.split("/")
+        problem = _relative_path_problem(path) or (
+            "is not normalized (an empty or '.' part)" if any(p in ("", ".") for p in parts) else None)
+        if problem:
+            raise bad(f"[{index}].path {path!r} {problem}")
+        if not isinstance(sha256, str) or not SHA256_PATTERN.fullmatch(sha256):
+            raise bad(f"[{index}].sha256 must be 64 lowercase hex digits")
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= 2**53:
+            raise bad(f"[{index}].size must be the file's size in bytes")
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise bad(f"[{index}].mode must be a file mode from 0 to 0o7777 (only the executable bits are used)")
+        if path in paths:
+            raise bad(f"names {path!r} twice")
+        paths.add(path)
+        entries.append({"path": path, "sha256": sha256, "size": size, "mode": mode})
+    for path in paths:  # a file may not also be a folder of another
+        for cut in range(1, path.count("/") + 1):
+            if (folder := path.rsplit("/", cut)[0]) in paths:
+                raise bad(f"names {folder!r} as a file and as the folder of {path!r}")
+    entries.sort(key=lambda e: e["path"])
+    tree = json.dumps(entries, separators=(",", ":"))
+    return tree, hashlib.sha256(tree.encode()).hexdigest(), len(entries), sum(e["size"] for e in entries)
+
+
 def _upload_url(file_id: str, name: str) -> str:
     return UPLOAD_ROUTE.format(file_id=file_id, name=urllib.parse.quote(name))
 
@@ -1216,6 +1496,7 @@ class Ending(Enum):
     TIMED_OUT = "timed out"  # the server's backstop: far past the timeout with no result
     LOST = "lost"  # its worker went offline or was deleted: counts against maxAttempts
     RETURNED = "returned"  # a live worker does not run it (its claim answer was lost, it restarted)
+    EVICTED = "evicted"  # its worker killed it to make way for the desktop's owner, and gave it back
     CANCELLED = "cancelled"
 
 
@@ -1233,20 +1514,23 @@ class Outcome:
 def decide_outcome(job: dict, ending: Ending, exit_code: Optional[int] = None, error: Optional[str] = None) -> Outcome:
     """The one rule for every way an attempt ends, whoever noticed it. A timeout is exit 124
     whichever side saw it; a non-zero exit spends a retry while any are left; a lost worker
-    costs one of ``maxAttempts``; a job handed back by a live worker costs nothing."""
+    costs one of ``maxAttempts``; a job handed back by a live worker, or evicted by it (``error``
+    says why), costs nothing."""
     attempt, worker = job["attempt"], job["worker_id"]
     if ending is Ending.CANCELLED:
         return Outcome(JobState.CANCELLED.value, error=error)
     if ending is Ending.RETURNED:
         return Outcome(JobState.QUEUED.value, error=f"worker {worker} no longer runs attempt {attempt}; requeued")
+    if ending is Ending.EVICTED:
+        return Outcome(JobState.QUEUED.value, error=f"attempt {attempt} evicted from {worker} ({error}); requeued")
     if ending is Ending.LOST:
         if job["losses"] + 1 < job["max_attempts"]:
             return Outcome(JobState.QUEUED.value, error=f"worker {worker} lost; requeued", counts_loss=True)
         return Outcome(JobState.FAILED.value, error="worker lost", counts_loss=True)
     if ending is Ending.TIMED_OUT:
         exit_code, error = EXIT_TIMEOUT, f"timed out after {job['timeout']} s (no result from the worker)"
-    if exit_code == 0:
-        return Outcome(JobState.COMPLETED.value, exit_code=0)
+    if exit_code == 0:  # an error here is a note, such as artifacts that were too big
+        return Outcome(JobState.COMPLETED.value, exit_code=0, error=error)
     error = error or f"exited with code {exit_code}"
     if job["retried"] < job["retries"]:
         return Outcome(JobState.QUEUED.value, exit_code, f"attempt {attempt}: {error}; retrying", spends_retry=True)
@@ -1276,21 +1560,28 @@ JOB_FIELDS: dict[str, Callable[[dict], Any]] = {
     "sha256": lambda job: job["file_sha256"],
     "stdoutChars": lambda job: job["stdout_chars"],
     "stderrChars": lambda job: job["stderr_chars"],
+    "suspended": lambda job: job["suspended_at"] is not None,
     "cpus": lambda job: job["cpus"],
     "memoryMb": lambda job: job["memory_mb"],
     "gpus": lambda job: job["gpus"],
     "after": lambda job: json.loads(job["after"]),
+    "artifactPatterns": lambda job: json.loads(job["artifact_patterns"]),
+    "artifactsWhen": lambda job: job["artifacts_when"],
+    "artifacts": lambda job: _artifacts_json(job),
+    "env": lambda job: json.loads(job["env"]),
+    "inputTree": lambda job: job.get("input_tree"),  # loaded by Jobs.claim (a tree may hold 100,000 files)
 }
 # The shapes: a list row, the status answer (plus output, waitingFor and children), a state event,
 # and what a worker gets.
 JOB_SUMMARY = ("jobId", "command", "status", "workerId", "priority", "tags", "createdAt", "startedAt",
-               "completedAt", "exitCode", "error")
+               "completedAt", "exitCode", "error", "suspended")
 JOB_STATUS = JOB_SUMMARY + ("progress", "timeout", "workingDirectory", "attempts", "fileUrl",
-                            "stdoutChars", "stderrChars", "cpus", "memoryMb", "gpus", "after")
-JOB_EVENT = ("jobId", "status", "command", "workerId", "attempt", "exitCode", "error", "createdAt", "startedAt",
-             "completedAt")
+                            "stdoutChars", "stderrChars", "cpus", "memoryMb", "gpus", "after",
+                            "artifactPatterns", "artifactsWhen", "artifacts", "env")
+JOB_EVENT = ("jobId", "status", "command", "workerId", "priority", "attempt", "exitCode", "error", "createdAt",
+             "startedAt", "completedAt", "artifacts", "suspended")
 JOB_FOR_WORKER = ("jobId", "command", "fileUrl", "fileId", "sha256", "workingDirectory", "timeout", "attempt",
-                  "tags", "cpus")
+                  "tags", "cpus", "inputTree", "artifactPatterns", "artifactsWhen", "env")
 CHILDREN_SHOWN = 1000  # children listed in a job's status
 
 # The WebSocket event type that announces each job state.
@@ -1302,9 +1593,46 @@ def job_json(job: dict, fields: tuple[str, ...]) -> dict:
     return {name: JOB_FIELDS[name](job) for name in fields}
 
 
+def _artifacts_json(job: dict) -> Optional[dict]:
+    """The current attempt's artifacts zip (where to get it, its size, files and sha256), or None."""
+    if job["artifacts_attempt"] != job["attempt"] or job["artifacts_size"] is None:
+        return None
+    return {"url": ARTIFACTS_PATH + "?jobId=" + urllib.parse.quote(job["id"], safe=""),
+            "size": job["artifacts_size"], "files": job["artifacts_files"], "sha256": job["artifacts_sha256"]}
+
+
+def _artifacts_file(data_path: Path, job_id: str, attempt: int) -> Path:
+    """Where an attempt's artifacts zip is kept (job ids are ``job-<hex>``: safe as file names)."""
+    return data_path / "artifacts" / f"{job_id}.{attempt}.zip"
+
+
 def job_event(job: dict) -> dict:
     """The event that tells a job's new state (one shape for all of them)."""
     return {"type": STATE_EVENTS[job["status"]], **job_json(job, JOB_EVENT)}
+
+
+def worker_state(row: dict) -> tuple[str, Optional[str]]:
+    """Whether a worker takes jobs, as shown (``state``, ``pausedReason``): pending, or paused by
+    an admin, before what its agent says (paused for its owner: "owner active", "draining", ...)."""
+    if row["state"] == WorkerState.PAUSED:
+        return WorkerState.PAUSED.value, "paused by an admin"
+    if row["state"] == WorkerState.AVAILABLE and row["reported_pause"]:
+        return WorkerState.PAUSED.value, row["reported_pause"]
+    return row["state"], None
+
+
+def _worker_json(row: dict, *, detail: bool) -> dict:
+    """A worker (a row of ``Store._WORKER_VIEW``) as the API and its events show it."""
+    state, paused_reason = worker_state(row)
+    worker = {"workerId": row["id"], "hostname": row["hostname"], "cpuCount": row["cpu_count"],
+              "totalMemoryMb": row["total_memory_mb"], "status": row["status"],
+              "activity": row["reported_status"], "lastHeartbeat": row["last_heartbeat"],
+              "registeredAt": row["registered_at"], "currentJobId": row["current_job_id"],
+              "jobsCompleted": row["jobs_completed"], "tags": json.loads(row["tags"]), "state": state,
+              "pausedReason": paused_reason, **{r.field: row[r.column] for r in RESOURCES}}
+    if detail:
+        worker["metadata"] = json.loads(row["metadata"])
+    return worker
 
 
 def joined_output(job: dict, parts: dict[tuple[str, str], str]) -> dict[str, str]:
@@ -1347,10 +1675,11 @@ def _not_a_parent(entry: str, status: Optional[str], owner: Principal) -> str:
 class Jobs:
     """The job life cycle: submit, claim, output, finish, retry, cancel, leases and the sweeps.
     Every change goes through here, is fenced in the database, and is announced to ``events``
-    (an object with ``job_changed(job)``, ``job_ready(job)`` for a queued job whose last parent
-    completed, and ``output(job, stream, data, offset)``)."""
+    (an ``Announcer``: ``job_changed(job)``, ``job_ready(job)`` for a queued job whose last parent
+    completed, ``output(job, stream, data, offset)``, ``job_suspended(job)`` when its worker stops or
+    resumes it, and what the workers look like now)."""
 
-    def __init__(self, store: Store, config: Config, clock: Clock, events: Any):
+    def __init__(self, store: Store, config: Config, clock: Clock, events: Announcer):
         self._store = store
         self._config = config
         self._clock = clock
@@ -1358,6 +1687,8 @@ class Jobs:
         # One lock per job for its worker's writes: check-then-append-then-finish is several
         # statements, and a second result or chunk must not slip in between them.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._swept_cutoff: Optional[str] = None  # the offline cutoff at the last sweep
+        self._heartbeats_told_at = clock.now()  # the last heartbeat summary
 
     @property
     def timeout_grace(self) -> float:
@@ -1386,6 +1717,11 @@ class Jobs:
         inputs = {spec["file"][0]: None for spec in specs if spec["file"]}  # a batch often shares one input
         for file_id in inputs:
             inputs[file_id] = await self._store.file_by_id(file_id)
+        trees = {}  # tree id -> the index of the first job that gives it
+        for index, spec in enumerate(specs):
+            if spec["tree"] and spec["tree"][1] not in trees:
+                trees[spec["tree"][1]] = index
+                await self._check_tree(owner, spec["tree"][0], index if batch else None)
         rows = []
         for index, (spec, job_id) in enumerate(zip(specs, ids)):
             file_id, file_name = spec["file"] or (None, None)
@@ -1396,7 +1732,10 @@ class Jobs:
             rows.append({**spec, "id": job_id, "file_id": file_id, "file_name": file_name,
                          "file_sha256": record and record["sha256"], "priority_rank": PRIORITY_RANK[spec["priority"]],
                          "tags": json.dumps(spec["tags"]), "after": json.dumps(parents[index]),
-                         "submitted_by": owner.id})
+                         "submitted_by": owner.id, "artifact_patterns": json.dumps(spec["artifact_patterns"]),
+                         "env": json.dumps(spec["env"]), "input_tree_id": spec["tree"] and spec["tree"][1]})
+        for spec in {spec["tree"][1]: spec for spec in specs if spec["tree"]}.values():
+            await self._store.keep_tree(spec["tree"][1], spec["tree"][0], spec["tree"][2], spec["tree"][3])
         jobs = await self._store.insert_jobs(rows)
         for job in jobs:
             self._events.job_changed(job)
@@ -1406,6 +1745,19 @@ class Jobs:
             if parent["status"] in (JobState.FAILED, JobState.CANCELLED):  # it ended since _resolve_after looked
                 await self._cancel_children(parent)
         return jobs
+
+    async def _check_tree(self, owner: Principal, tree: str, index: Optional[int]) -> None:
+        """Every blob of an input tree must be stored, of the size the tree says, and the owner's to
+        use (an admin may use any): knowing a hash is not having the content."""
+        problem = await self._store.tree_problem(tree, None if owner.is_admin else owner.id)
+        if problem is None:
+            return
+        path, sha256 = problem["path"], problem["sha256"]
+        if problem["stored_size"] is None or not problem["usable"]:
+            reason = f"names blob {sha256} (for {path!r}), which is not stored or not yours: PUT it first"
+        else:
+            reason = f"says {path!r} has {problem['size']} bytes, but blob {sha256} has {problem['stored_size']}"
+        raise _invalid_item(index, "inputTree", f"inputTree {reason}")
 
     async def _resolve_after(self, owner: Principal, specs: list[dict], ids: list[str], batch: bool) -> list[list[str]]:
         """Each spec's ``after`` as job ids: "#<index>" is an earlier item of the batch, any other id
@@ -1439,9 +1791,12 @@ class Jobs:
         fitting, reason = workers_that_fit(job, await self._store.online_workers(self.heartbeat_cutoff()))
         if reason:
             return reason, None
-        available = [w for w in fitting if w["state"] == WorkerState.AVAILABLE]
+        shown = [worker_state(w) for w in fitting]
+        available = [w for w, (state, _) in zip(fitting, shown) if state == WorkerState.AVAILABLE]
         if not available:
-            return f"workers {', '.join(sorted({w['state'] for w in fitting}))}", None
+            states = ", ".join(sorted({state for state, _ in shown}))
+            reasons = "; ".join(sorted({reason for _, reason in shown if reason}))
+            return f"workers {states}" + (f" ({reasons})" if reasons else ""), None
         estimate = await self._store.queue_estimate(job, AHEAD_COUNT_LIMIT)
         ahead = min(estimate["ahead"], AHEAD_COUNT_LIMIT)
         line = (f"{ahead}{'+' if ahead == AHEAD_COUNT_LIMIT else ''} job{'s' if ahead != 1 else ''} ahead"
@@ -1468,12 +1823,16 @@ class Jobs:
 
     async def claim(self, worker: Principal, run: Optional[str], poll: Optional[int]) -> dict | None:
         """The best queued job for the worker, as its new attempt (not announced yet: see
-        ``deliver`` and ``release``)."""
-        return await self._store.claim_next_job(worker.id, worker.tags, run, poll)
+        ``deliver`` and ``release``). A job given as an input tree comes with the tree."""
+        job = await self._store.claim_next_job(worker.id, worker.tags, run, poll)
+        if job is not None and job["input_tree_id"]:
+            job["input_tree"] = await self._store.tree_by_id(job["input_tree_id"])
+        return job
 
-    def deliver(self, job: dict) -> None:
+    async def deliver(self, job: dict) -> None:
         """The claim's answer is on its way to the worker."""
         self._events.job_changed(job)
+        await self.announce_worker(job["worker_id"])
 
     async def release(self, job: dict) -> None:
         """The worker hung up before the answer: the job goes back untouched."""
@@ -1499,26 +1858,53 @@ class Jobs:
             self._events.output(job, stream, data, offset)
 
     async def record_output(self, worker: Principal, job_id: str, attempt: Optional[int], stream: str, data: str,
-                            progress: Optional[int], running_for: Optional[float]) -> None:
+                            progress: Optional[int], running_for: Optional[float], suspended: Optional[bool]) -> None:
         """Append a chunk. An empty one is a keep-alive whose 409 tells the worker the job is no
-        longer its own (cancelled, or given to another attempt)."""
+        longer its own (cancelled, or given to another attempt). ``suspended`` (None: not said)
+        is whether the worker has stopped the job's processes for now."""
         async with self._lock(job_id):
             job = await self._held(worker, job_id, attempt)
+            if suspended is not None and suspended != (job["suspended_at"] is not None):
+                if changed := await self._store.set_suspended(job, suspended):
+                    self._events.job_suspended(changed)
             await self._record(job, stream, data, running_for)
             if progress is not None:
                 await self._store.set_progress(job_id, progress)
 
     async def finish(self, worker: Principal, job_id: str, attempt: Optional[int], exit_code: int,
-                     error: Optional[str], output: dict[str, str], running_for: Optional[float]) -> None:
-        """The worker's final word on its attempt; its output is appended to what was streamed."""
+                     error: Optional[str], output: dict[str, str], running_for: Optional[float],
+                     evicted: Optional[str]) -> None:
+        """The worker's final word on its attempt; its output is appended to what was streamed.
+        ``evicted`` says why the worker killed it to make way for its owner: it goes back to the queue."""
         async with self._lock(job_id):
             job = await self._held(worker, job_id, attempt)
             for stream, data in output.items():
                 await self._record(job, stream, data, running_for)
-            ended = await self._store.end_attempt(job, decide_outcome(job, Ending.EXITED, exit_code, error))
+            outcome = (decide_outcome(job, Ending.EVICTED, error=evicted) if evicted
+                       else decide_outcome(job, Ending.EXITED, exit_code, error))
+            note = job["artifacts_error"] if job["artifacts_attempt"] == job["attempt"] else None
+            if note and note not in (outcome.error or ""):  # the server refused the artifacts: the job says why
+                outcome = dataclasses.replace(outcome, error=f"{outcome.error}; {note}" if outcome.error else note)
+            ended = await self._store.end_attempt(job, outcome)
         if ended is None:  # cancelled or lost between the check and the write
             raise _not_holder()
-        await self._announce_end(ended)
+        await self._announce_end(ended, worker.id)
+
+    async def held(self, worker: Principal, job_id: str, attempt: Optional[int]) -> dict:
+        """The running job the worker holds (that attempt, if given): before it sends the job's
+        artifacts or fetches its input. 404/409 otherwise."""
+        return await self._held(worker, job_id, attempt)
+
+    async def record_artifacts(self, worker: Principal, job_id: str, attempt: Optional[int],
+                               artifacts: dict) -> dict:
+        """Keep the attempt's artifacts ({"size", "files", "sha256"}, the zip already in place) or
+        why it has none ({"artifacts_error"}); the job as it is now. 409 unless the worker holds it."""
+        async with self._lock(job_id):  # not between the worker's result and its check
+            job = await self._held(worker, job_id, attempt)
+            updated = await self._store.record_artifacts(job, artifacts)
+        if updated is None:
+            raise _not_holder()
+        return updated
 
     async def cancel(self, principal: Principal, job_id: str) -> None:
         """Cancel a queued or running job (its submitter or an admin). A running job's worker
@@ -1531,41 +1917,97 @@ class Jobs:
             cancelled = await self._store.end_attempt(job, outcome, fence=Store._UNFINISHED)
         if cancelled is None:
             raise Conflict(f"Job already {(await self.find(job_id))['status']}", code="JOB_FINISHED")
-        await self._announce_end(cancelled)
+        await self._announce_end(cancelled, job["worker_id"])
 
-    async def heartbeat(self, worker: Principal, status: str, jobs_completed: Optional[int],
-                        running: Optional[list[str]], run: Optional[str], polled: Optional[int],
-                        offers: dict[str, Optional[int]]) -> str:
+    async def heartbeat(self, worker: Principal, status: str, running: Optional[list[str]], run: Optional[str],
+                        polled: Optional[int], offers: dict[str, Optional[int]], state: Optional[str],
+                        paused_reason: Optional[str]) -> str:
         """A worker is alive (returns the time noted), and offers this now (by column; None: as
-        before). With ``running`` (the jobs it runs or holds a result for), the jobs it holds but
-        no longer runs go back to the queue, without counting against them."""
-        now = await self._store.record_heartbeat(worker.id, status, jobs_completed, offers)
+        before); status "offline" is its agent's last word. ``state`` (None: not said) is whether
+        its agent takes jobs now, or pauses for ``paused_reason``. With ``running`` (the jobs it runs or
+        holds a result for), the jobs it holds but no longer runs go back to the queue, without
+        counting against them. A change the page would show is announced; the heartbeat itself only
+        in the next summary (see ``sweep``)."""
+        before = await self._worker_as_shown(worker.id)
+        now = await self._store.record_heartbeat(worker.id, status, offers)
+        if state is not None:
+            reason = (paused_reason or "paused by its agent") if state == WorkerState.PAUSED else None
+            if await self._store.report_pause(worker.id, reason) and reason is None:
+                self._events.worker_free(worker.id)
         if running is not None:
             for job in await self._store.unlisted_jobs(worker.id, running, run, polled):
                 await self._end(job, Ending.RETURNED)
+        after = await self._worker_as_shown(worker.id)
+        if after and (before is None or dict(before, lastHeartbeat=None) != dict(after, lastHeartbeat=None)):
+            self._events.worker_changed("worker.changed", after)
         return now
+
+    # -- workers, as the pages see them -------------------------------------------
+
+    async def _worker_as_shown(self, worker_id: str) -> dict | None:
+        """The worker's JSON; None if there is no such worker, or nobody listens to the events."""
+        if not self._events.listening:
+            return None
+        row = await self._store.worker_by_id(worker_id, self.heartbeat_cutoff())
+        return row and _worker_json(row, detail=False)
+
+    async def announce_worker(self, worker_id: str, change: str = "worker.changed") -> None:
+        """Announce the worker as it is now: it registered, or changed (state, status, current job,
+        jobs done)."""
+        if worker := await self._worker_as_shown(worker_id):
+            self._events.worker_changed(change, worker)
+
+    async def forget_worker(self, worker_id: str) -> bool:
+        """Unregister a worker (False: no such worker): its token stops working at once and its
+        running jobs go back to the queue."""
+        if not await self._store.delete_worker(worker_id):
+            return False
+        self._events.worker_deleted(worker_id)
+        await self.sweep()
+        return True
+
+    async def forget_silent_workers(self, days: int) -> None:
+        """Forget the workers not heard from in ``days`` days."""
+        for worker_id in await self._store.delete_silent_workers(self._clock.iso(-days * 86400)):
+            log.info("worker %s forgotten: no heartbeat in %d days", worker_id, days)
+            self._events.worker_deleted(worker_id)
 
     # -- sweeps ----------------------------------------------------------------
 
     async def sweep(self) -> None:
         """The jobs of offline or deleted workers are requeued (or fail past maxAttempts); jobs
-        far past their timeout end as timed out."""
-        for job in await self._store.jobs_of_lost_workers(self.heartbeat_cutoff()):
+        far past their timeout end as timed out. Workers that went offline since the last sweep
+        are announced, and once a heartbeat interval, the heartbeats heard meanwhile."""
+        cutoff = self.heartbeat_cutoff()
+        for job in await self._store.jobs_of_lost_workers(cutoff):
             await self._end(job, Ending.LOST)
         for job in await self._store.overdue_jobs(self.timeout_grace):
             await self._end(job, Ending.TIMED_OUT)
+        since, self._swept_cutoff = self._swept_cutoff or cutoff, cutoff
+        if not self._events.listening:
+            return
+        for row in await self._store.workers_gone_silent(since, cutoff):
+            self._events.worker_changed("worker.changed", _worker_json(row, detail=False))
+        now = self._clock.now()
+        if (now - self._heartbeats_told_at).total_seconds() >= self._config.heartbeat_interval:
+            heard = await self._store.heartbeats_since(_iso(self._heartbeats_told_at))
+            self._heartbeats_told_at = now
+            if heard:
+                self._events.heartbeats(heard)
 
     async def _end(self, job: dict, ending: Ending) -> None:
         async with self._lock(job["id"]):
             ended = await self._store.end_attempt(job, decide_outcome(job, ending))
         if ended is not None:
-            await self._announce_end(ended)
+            await self._announce_end(ended, job["worker_id"])
 
-    async def _announce_end(self, job: dict) -> None:
-        """Announce an attempt's end, then what it means for the jobs that run after the job: they
-        may start (it completed; the schema counted their parents down) or never will (it failed
-        or was cancelled)."""
+    async def _announce_end(self, job: dict, holder: Optional[str]) -> None:
+        """Announce an attempt's end and its worker (``holder``, None for a queued job) as it is now,
+        then what it means for the jobs that run after the job: they may start (it completed; the
+        schema counted their parents down) or never will (it failed or was cancelled)."""
         self._events.job_changed(job)
+        if holder:
+            await self.announce_worker(holder)
         if job["status"] == JobState.COMPLETED:
             for child in await self._store.queued_children(job["id"]):
                 if child["parents_left"] == 0:
@@ -1589,6 +2031,110 @@ class Jobs:
 def _not_holder() -> Conflict:
     return Conflict("This worker does not hold the job (it finished, was cancelled or was reassigned)",
                     code="NOT_JOB_HOLDER")
+
+
+# === Domain: blobs and artifacts on disk ===
+
+
+class _Receiver:
+    """A file arriving in chunks: written to a partial file in ``folder`` (never whole in memory),
+    hashed and counted on the way, and refused past ``limit`` bytes. Moved into place by ``keep``;
+    ``discard`` removes what is left (call it in a ``finally``)."""
+
+    def __init__(self, folder: Path, limit: int, too_large: Callable[[], DispatchError]):
+        self.path = folder / f".{uuid.uuid4().hex}.partial"
+        self._limit, self._too_large = limit, too_large
+        self._out = open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self._limit:
+            raise self._too_large()
+        self._hash.update(chunk)
+        self._out.write(chunk)
+
+    def finish(self) -> None:
+        """All of it has arrived: close the file (a batch of many blobs holds no descriptor per blob)."""
+        self._out.close()
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def keep(self, target: Path) -> None:
+        self.finish()
+        target.parent.mkdir(mode=0o700, exist_ok=True)
+        os.replace(self.path, target)
+
+    def discard(self) -> None:
+        self.finish()
+        self.path.unlink(missing_ok=True)
+
+
+class Blobs:
+    """File contents by their SHA-256, in ``<data dir>/blobs/<first two hex digits>/<sha256>``; who
+    sent each one is in the database. A blob is put in place only once its content's hash matches
+    its name, so a stored blob is always what its name says."""
+
+    def __init__(self, store: Store, root: Path, max_bytes: int):
+        self._store = store
+        self.root = root
+        self.max_bytes = max_bytes
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / sha256
+
+    def receiver(self, too_large: Callable[[], DispatchError]) -> _Receiver:
+        return _Receiver(self.root, self.max_bytes, too_large)
+
+    def clean(self) -> None:
+        for leftover in self.root.glob(".*.partial"):
+            leftover.unlink()  # a blob the previous process did not finish receiving
+
+    async def missing(self, principal: Principal, hashes: list[str]) -> list[str]:
+        """Of ``hashes``, those the caller must send before naming them in a job: not stored, or not
+        theirs (an admin may use any stored blob). The others count as used now."""
+        wanted = list(dict.fromkeys(hashes))
+        usable = await self._store.touch_usable_blobs(wanted, None if principal.is_admin else principal.id)
+        return [h for h in wanted if h not in usable or not self.path(h).is_file()]
+
+    async def keep(self, principal: Principal, received: list[tuple[str, _Receiver]]) -> None:
+        """Put received blobs in place, each checked against the hash it was sent as, and record the
+        sender as an owner: all of them, or (a mismatch) none."""
+        for sha256, receiver in received:
+            if receiver.sha256 != sha256:
+                raise InvalidFile(f"The content sent as blob {sha256} has the SHA-256 {receiver.sha256}: "
+                                  "nothing was stored", code="BLOB_HASH_MISMATCH", details={"sha256": sha256})
+        for sha256, receiver in received:
+            receiver.keep(self.path(sha256))
+        await self._store.add_blobs([{"sha256": h, "size": r.size} for h, r in received], principal.id)
+
+    def sweep(self, hashes: list[str]) -> None:
+        """Remove the files of blobs whose records the sweep deleted."""
+        for sha256 in hashes:
+            self.path(sha256).unlink(missing_ok=True)
+
+
+def _zip_entry_count(path: Path) -> Optional[int]:
+    """How many entries the zip at ``path`` says it holds, from its end record (ZIP64 too), read
+    without loading its directory; None if it is not a zip."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = max(0, size - 22 - 0xFFFF)  # the end record, then a comment of up to 64 KiB
+        f.seek(start)
+        tail = f.read()
+        at = tail.rfind(b"PK\5\6")
+        if at < 0 or len(tail) - at < 22:
+            return None
+        entries = struct.unpack_from("<H", tail, at + 10)[0]
+        if entries == 0xFFFF and at >= 20 and tail[at - 20:at - 16] == b"PK\6\7":
+            f.seek(struct.unpack_from("<Q", tail, at - 12)[0])
+            record = f.read(56)
+            if len(record) == 56 and record.startswith(b"PK\6\6"):
+                entries = struct.unpack_from("<Q", record, 32)[0]
+        return entries
 
 
 # === Events: the queue bell, the event hub, metrics ===
@@ -1696,9 +2242,10 @@ class Feed:
 
 
 class EventHub:
-    """Fans job events out to WebSocket clients, each through its own ``Feed``. A client that falls
-    WS_BACKLOG_BYTES behind is closed and its backlog freed at once, so it never slows the server
-    or the other clients; so is one whose access ends (logout, revoked token, deleted user)."""
+    """Fans job events out to WebSocket clients and follows (``/api/jobs/follow``), each through
+    its own ``Feed`` (keyed by its response). A client that falls WS_BACKLOG_BYTES behind is closed
+    and its backlog freed at once, so it never slows the server or the other clients; so is one
+    whose access ends (logout, revoked token, deleted user)."""
 
     def __init__(self) -> None:
         self._feeds: dict[web.WebSocketResponse, Feed] = {}
@@ -1723,7 +2270,7 @@ class EventHub:
             return
         message = json.dumps(event)  # ASCII (ensure_ascii), so its length is its size in bytes
         for ws, feed in list(self._feeds.items()):
-            if feed.job_id is not None and feed.job_id != event["jobId"]:
+            if feed.job_id is not None and feed.job_id != event.get("jobId"):  # worker events have none
                 continue
             if not feed.put(message):
                 log.warning("closing a WebSocket client of %s: it fell %d bytes behind",
@@ -1740,8 +2287,11 @@ class EventHub:
         self._feeds.pop(ws).close(code, reason)
 
     async def close_all(self) -> None:
-        for ws in list(self._feeds):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        for ws, feed in list(self._feeds.items()):
+            if isinstance(ws, web.WebSocketResponse):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+            else:  # a follow (server-sent events): its handler ends the stream
+                feed.close(WSCloseCode.GOING_AWAY, "server shutdown")
         self._feeds.clear()
 
 
@@ -1781,7 +2331,7 @@ def _seconds_between(start: str, end: str) -> float:
 
 class Announcer:
     """Tells everyone what happened to a job: WebSocket clients, waiting workers, the log, the
-    metrics. ``Jobs`` calls it after every change."""
+    metrics; and WebSocket clients what the workers look like. ``Jobs`` calls it after every change."""
 
     def __init__(self, hub: EventHub, bell: QueueBell, metrics: Metrics):
         self._hub, self._bell, self._metrics = hub, bell, metrics
@@ -1811,6 +2361,33 @@ class Announcer:
         self._hub.publish({"type": "job.output", "jobId": job["id"], "attempt": job["attempt"], "stream": stream,
                            "offset": offset, "data": data})
 
+    def job_suspended(self, job: dict) -> None:
+        """Its worker stopped the job's processes to make way for the owner (``suspended``), or let
+        them run on."""
+        suspended = job["suspended_at"] is not None
+        self._hub.publish({**job_event(job), "type": "job.suspended" if suspended else "job.resumed"})
+        log.info("job %s %s on %s", job["id"], "suspended" if suspended else "resumed", job["worker_id"])
+
+    def worker_free(self, worker_id: str) -> None:
+        """The worker takes jobs again (its agent says so): its parked get-job polls look at once."""
+        self._bell.wake_worker(worker_id)
+
+    @property
+    def listening(self) -> bool:
+        """Whether any client follows the events: what workers look like is read only for them."""
+        return self._hub.client_count > 0
+
+    def worker_changed(self, change: str, worker: dict) -> None:
+        """A worker (its JSON) registered (``worker.registered``) or changed (``worker.changed``)."""
+        self._hub.publish({"type": change, **worker})
+
+    def worker_deleted(self, worker_id: str) -> None:
+        self._hub.publish({"type": "worker.deleted", "workerId": worker_id})
+
+    def heartbeats(self, heard: dict[str, str]) -> None:
+        """When each worker heard from lately was last heard from: one summary, not an event a heartbeat."""
+        self._hub.publish({"type": "worker.heartbeats", "lastHeartbeat": heard})
+
 
 # === HTTP: app keys, middleware, request helpers ===
 
@@ -1819,6 +2396,7 @@ CONFIG = web.AppKey("config", Config)
 CLOCK = web.AppKey("clock", Clock)
 STORE = web.AppKey("store", Store)
 JOBS = web.AppKey("jobs", Jobs)
+BLOBS = web.AppKey("blobs", Blobs)
 TOKENS = web.AppKey("tokens", Tokens)
 BELL = web.AppKey("bell", QueueBell)
 HUB = web.AppKey("hub", EventHub)
@@ -2294,6 +2872,7 @@ async def register_view(request: web.Request) -> web.Response:
         "total_memory_mb": memory, "metadata": json.dumps(metadata), "tags": json.dumps(tags), "state": state.value,
         **offers})
     log.info("worker %s registered (%s), %s", worker_id, hostname, state.value)
+    await request.app[JOBS].announce_worker(worker_id, "worker.registered")
     return _json({"success": True, "workerId": worker_id, "token": token, "registeredAt": now,
                   "state": state.value}, status=201)
 
@@ -2301,36 +2880,30 @@ async def register_view(request: web.Request) -> web.Response:
 async def heartbeat_view(request: web.Request) -> web.Response:
     """A worker is alive. ``runningJobs`` (every job it runs or holds a result for), with the agent
     run's id (``run``) and the last of its get-job polls that has ended (``polled``), renews the
-    lease of the jobs listed; a job it holds but does not list goes back to the queue."""
+    lease of the jobs listed; a job it holds but does not list goes back to the queue. ``state``
+    (``available`` or ``paused``, with ``pausedReason``) says whether its agent takes jobs now."""
     worker = _worker(request)
     body = await _json_body(request)
     if body.get("workerId") not in (None, worker.id):
         raise Forbidden("workerId does not match the worker token")
     status = body.get("status", "idle")
-    if status not in ("idle", "busy", "error"):
-        raise _invalid_field("status", "status must be idle, busy or error")
-    jobs_completed = _optional_int(body, "jobsCompleted")
+    if status not in ("idle", "busy", "error", "offline", "stopping"):
+        raise _invalid_field("status", "status must be idle, busy, error, or offline or stopping (the agent's last word)")
+    status = "offline" if status == "stopping" else status
+    _optional_int(body, "jobsCompleted")  # the contract's; checked, but the server counts jobs done itself
     running = body.get("runningJobs")
     if running is not None and not (isinstance(running, list) and all(isinstance(j, str) for j in running)):
         raise _invalid_field("runningJobs", "runningJobs must be a list of job ids")
     run = _run_id(body.get("run"), "run")
     polled = _optional_int(body, "polled")
     offers = _validate_resources(body, dict.fromkeys(r.column for r in RESOURCES))  # an agent restarted with new flags
-    now = await request.app[JOBS].heartbeat(worker, status, jobs_completed, running, run, polled, offers)
+    state = body.get("state")
+    if state not in (None, WorkerState.AVAILABLE, WorkerState.PAUSED):
+        raise _invalid_field("state", "state must be available or paused")
+    paused_reason = _require_string(body, "pausedReason", required=False, max_length=200)
+    now = await request.app[JOBS].heartbeat(worker, status, running, run, polled, offers, state, paused_reason)
     return _json({"success": True, "serverTime": now,
                   "nextCheckIn": int(request.app[CONFIG].heartbeat_interval * 1000)})
-
-
-def _worker_json(row: dict, *, detail: bool) -> dict:
-    worker = {"workerId": row["id"], "hostname": row["hostname"], "cpuCount": row["cpu_count"],
-              "totalMemoryMb": row["total_memory_mb"], "status": row["status"],
-              "activity": row["reported_status"], "lastHeartbeat": row["last_heartbeat"],
-              "registeredAt": row["registered_at"], "currentJobId": row["current_job_id"],
-              "jobsCompleted": row["jobs_completed"], "tags": json.loads(row["tags"]), "state": row["state"],
-              **{r.field: row[r.column] for r in RESOURCES}}
-    if detail:
-        worker["metadata"] = json.loads(row["metadata"])
-    return worker
 
 
 async def list_workers_view(request: web.Request) -> web.Response:
@@ -2357,23 +2930,38 @@ async def delete_worker_view(request: web.Request) -> web.Response:
     """Unregister: the token stops working at once and the worker's running jobs go back to the queue."""
     _user(request, admin=True)
     worker_id = request.match_info["worker_id"]
-    store = request.app[STORE]
-    if not await store.delete_worker(worker_id):
+    if not await request.app[JOBS].forget_worker(worker_id):
         raise NotFound("Worker not found")
     log.info("worker %s unregistered", worker_id)
-    await request.app[JOBS].sweep()  # its running jobs go back to the queue now
     return _json({"success": True, "message": "Worker unregistered"})
 
 
 async def approve_worker_view(request: web.Request) -> web.Response:
     """Let a pending worker take jobs (approving an approved worker changes nothing)."""
+    return await _move_worker(request, WorkerState.PENDING, WorkerState.AVAILABLE, "approved")
+
+
+async def pause_worker_view(request: web.Request) -> web.Response:
+    """Pause a worker: it takes no new job, and the jobs it runs finish (a pending worker stays pending)."""
+    return await _move_worker(request, WorkerState.AVAILABLE, WorkerState.PAUSED, "paused")
+
+
+async def resume_worker_view(request: web.Request) -> web.Response:
+    """Let a worker an admin paused take jobs again."""
+    return await _move_worker(request, WorkerState.PAUSED, WorkerState.AVAILABLE, "resumed")
+
+
+async def _move_worker(request: web.Request, old: WorkerState, new: WorkerState, done: str) -> web.Response:
+    """An admin moves the worker ``workerId`` from state ``old`` to ``new``; one in another state stays so."""
     principal = _user(request, admin=True)
     worker_id = _require_string(await _json_body(request), "workerId", max_length=128)
-    state = await request.app[STORE].change_worker_state(worker_id, WorkerState.PENDING, WorkerState.AVAILABLE)
+    state = await request.app[STORE].change_worker_state(worker_id, old, new)
     if state is None:
         raise NotFound("Worker not found")
-    log.info("worker %s approved by %s", worker_id, principal.email)
-    request.app[BELL].wake_held()  # its parked get-job answers now, and the next one gets work
+    log.info("worker %s %s by %s", worker_id, done, principal.email)
+    if new == WorkerState.AVAILABLE:
+        request.app[BELL].wake_held()  # its parked get-job answers now, and the next one gets work
+    await request.app[JOBS].announce_worker(worker_id)
     return _json({"success": True, "workerId": worker_id, "state": state})
 
 
@@ -2408,9 +2996,15 @@ def _job_spec(request: web.Request, body: dict) -> dict:
             "max_attempts": _optional_int(body, "maxAttempts", minimum=1, maximum=MAX_ATTEMPTS_LIMIT) or 3,
             "retries": _optional_int(body, "retries", minimum=0, maximum=MAX_RETRIES) or 0,
             **_validate_resources(body, {r.column: r.default for r in RESOURCES}),
-            "after": _validate_after(body.get("after")), "file": None}
+            "after": _validate_after(body.get("after")), "file": None, "tree": None,
+            "env": _validate_env(body.get("env"))}
+    spec["artifact_patterns"], spec["artifacts_when"] = _validate_artifacts(body)
     if body.get("fileUrl") not in (None, ""):
         spec["file"] = _parse_upload_url(body["fileUrl"], _allowed_upload_hosts(request))
+    if body.get("inputTree") is not None:
+        if spec["file"]:
+            raise _invalid_field("inputTree", "give fileUrl or inputTree, not both")
+        spec["tree"] = _validate_input_tree(body["inputTree"])
     return spec
 
 
@@ -2481,11 +3075,12 @@ async def claim_view(request: web.Request) -> web.Response:
         await jobs.release(job)
         request.app[BELL].ring(json.loads(job["tags"]))
         return web.Response(status=204)
-    jobs.deliver(job)
+    await jobs.deliver(job)
     answer = job_json(job, JOB_FOR_WORKER)
     if answer["fileUrl"]:
         answer["fileUrl"] = (request.app[CONFIG].public_url.rstrip("/") or f"{request.scheme}://{request.host}"
                              ) + answer["fileUrl"]
+    answer["maxArtifactBytes"] = request.app[CONFIG].max_artifact_mb * 1024 * 1024  # not worth sending more
     return _json({"success": True, "job": answer})
 
 
@@ -2522,9 +3117,9 @@ async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, r
 
 
 async def _wait_for_approval(request: web.Request, wait: float) -> None:
-    """A worker that may take no job (pending) still waits out its poll, as an agent expects of
-    an empty answer, and takes no wake-up meant for another worker; an approval (or a shutdown)
-    ends the wait early."""
+    """A worker that may take no job (pending, or paused by an admin) still waits out its poll, as
+    an agent expects of an empty answer, and takes no wake-up meant for another worker; an approval
+    or a resume (or a shutdown) ends the wait early."""
     bell = request.app[BELL]
     ring = bell.listen(None)
     try:
@@ -2566,7 +3161,8 @@ def _running_for(body: dict) -> Optional[float]:
 
 async def stream_output_view(request: web.Request) -> web.Response:
     """Append a chunk of output. An empty chunk is a keep-alive: its 409 tells the worker the job
-    is no longer its own (cancelled, or given to another attempt)."""
+    is no longer its own (cancelled, or given to another attempt). ``suspended`` says whether the
+    worker has stopped the job's processes for now."""
     worker = _worker(request)
     body = await _json_body(request)
     job_id = _require_string(body, "jobId", max_length=128)
@@ -2575,14 +3171,19 @@ async def stream_output_view(request: web.Request) -> web.Response:
         raise _invalid_field("type", "type must be stdout or stderr")
     if not isinstance(body.get("data"), str):
         raise _invalid_field("data", "data is required (a string)")
+    suspended = body.get("suspended")
+    if suspended is not None and not isinstance(suspended, bool):
+        raise _invalid_field("suspended", "suspended must be true or false")
     await request.app[JOBS].record_output(
         worker, job_id, _optional_int(body, "attempt", minimum=1), stream, body["data"],
-        _optional_int(body, "progress", minimum=0, maximum=100), _running_for(body))
+        _optional_int(body, "progress", minimum=0, maximum=100), _running_for(body), suspended)
     return _json({"success": True, "received": True})
 
 
 async def submit_result_view(request: web.Request) -> web.Response:
-    """The worker's final word on its attempt. stdout/stderr here are appended to what was streamed."""
+    """The worker's final word on its attempt. stdout/stderr here are appended to what was streamed.
+    With ``evicted`` (why), the worker killed it to make way for its owner: it goes back to the
+    queue, at no cost to its retries or maxAttempts."""
     worker = _worker(request)
     body = await _json_body(request)
     job_id = _require_string(body, "jobId", max_length=128)
@@ -2595,8 +3196,9 @@ async def submit_result_view(request: web.Request) -> web.Response:
     error = body.get("error")
     if error is not None and not isinstance(error, str):
         raise _invalid_field("error", "error must be a string")
+    evicted = _require_string(body, "evicted", required=False, max_length=200)
     await request.app[JOBS].finish(worker, job_id, _optional_int(body, "attempt", minimum=1), exit_code, error,
-                                   output, _running_for(body))
+                                   output, _running_for(body), evicted)
     return _json({"success": True, "message": "Result saved", "jobId": job_id})
 
 
@@ -2635,6 +3237,319 @@ async def events_view(request: web.Request) -> web.WebSocketResponse:
         with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
             await sender
     return ws
+
+
+# === HTTP: follow, artifacts, blobs ===
+
+
+def _sse(event: str, data: dict) -> bytes:
+    """One server-sent event (JSON never holds a raw newline, so one data line is enough)."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+class _OutputJoin:
+    """Joins a job's output history and its live chunks by offsets, as the page does: what the
+    history (or an earlier chunk) covered is trimmed or skipped; a new attempt starts afresh."""
+
+    def __init__(self, attempt: int, known: dict[str, int]):
+        self.attempt, self.known = attempt, known
+
+    def chunk(self, event: dict) -> Optional[dict]:
+        """The part of an output event not shown yet (with its offset), or None."""
+        attempt = event.get("attempt", self.attempt)
+        if attempt < self.attempt:
+            return None  # the last words of an earlier attempt
+        if attempt > self.attempt:
+            self.attempt, self.known = attempt, {"stdout": 0, "stderr": 0}
+        stream, offset, data = event["stream"], event["offset"], event["data"]
+        known, end = self.known[stream], event["offset"] + len(event["data"])
+        if end <= known:
+            return None
+        if offset < known:
+            data, offset = data[known - offset:], known
+        self.known[stream] = end  # past what is shown (never while subscribed): shown anyway
+        return {**event, "offset": offset, "data": data}
+
+
+async def follow_view(request: web.Request) -> web.StreamResponse:
+    """Server-sent events of one job, for curl -N and scripts: ``job.status``, the output so far
+    (``job.output`` with ``history``), then live ``job.output`` (with offsets) and state events, and
+    at the end ``job.end`` (the final status); then it closes. ``follow.interrupted`` ends it early
+    (the client fell too far behind, its token ended, the server stops): follow again to go on."""
+    principal = _user(request)
+    job_id = request.query.get("jobId")
+    if not job_id:
+        raise _invalid_field("jobId", "jobId is required")
+    hub, jobs = request.app[HUB], request.app[JOBS]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})  # nginx: pass each event on at once
+    feed = hub.subscribe(response, principal, job_id)  # before the history: nothing falls in between
+    try:
+        job = await jobs.status(job_id)
+        await response.prepare(request)
+        await _follow(response, feed, job, jobs, request.app[CONFIG].max_output_mb * 1024 * 1024)
+    except ConnectionResetError:
+        pass  # the client went away
+    finally:
+        hub.unsubscribe(response)
+    return response
+
+
+async def _follow(response: web.StreamResponse, feed: Feed, job: dict, jobs: Jobs, cap: int) -> None:
+    job_id = job["jobId"]
+    fields = {k: v for k, v in job.items() if k not in STREAMS}
+    await response.write(_sse("job.status", {"type": "job.status", **fields}))
+    known = {}
+    for stream in STREAMS:
+        text, chars = job[stream], job[f"{stream}Chars"]
+        # The history's text ends where the stream ended when it was read, which may be past the count
+        # read just before it; a capped stream's text has a marker instead of its middle.
+        known[stream] = chars if chars > cap else len(text)
+        if text:
+            await response.write(_sse("job.output", {"type": "job.output", "jobId": job_id, "attempt": job["attempts"],
+                                                     "stream": stream, "offset": 0, "data": text, "history": True}))
+    join = _OutputJoin(job["attempts"], known)
+    status = job["status"]
+    while status not in FINISHED_STATES:
+        try:
+            async with asyncio.timeout(SSE_KEEPALIVE_SECONDS):
+                message = await feed.next()
+        except TimeoutError:
+            await response.write(b": keep-alive\n\n")
+            continue
+        if message is None:
+            await response.write(_sse("follow.interrupted", {"type": "follow.interrupted", "jobId": job_id,
+                                                             "reason": feed.closed_with[1]}))
+            return
+        event = json.loads(message)
+        if event["type"] == "job.output":
+            if chunk := join.chunk(event):
+                await response.write(_sse("job.output", chunk))
+            continue
+        await response.write(_sse(event["type"], event))
+        status = event.get("status", status)
+    await response.write(_sse("job.end", {"type": "job.end", **job_json(await jobs.find(job_id), JOB_STATUS)}))
+    await response.write_eof()
+
+
+async def artifacts_upload_view(request: web.Request) -> web.Response:
+    """A worker sends the artifacts zip of the attempt it holds, before its result: multipart
+    fields ``jobId`` and ``attempt``, then ``file``. Streamed to disk; past DISPATCH_MAX_ARTIFACT_MB it
+    is refused (413) and the job's result will say so."""
+    worker = _worker(request)
+    config, jobs = request.app[CONFIG], request.app[JOBS]
+    folder = config.data_path / "artifacts"
+    receiver: Optional[_Receiver] = None
+    with _receiving(request):
+        try:
+            reader = await request.multipart()
+            fields, part = await _fields_before_file(request, reader, ("jobId", "attempt"))
+            job_id, attempt = fields.get("jobId"), fields.get("attempt")
+            if not job_id:
+                raise _invalid_field("jobId", "jobId is required (a field before the file)")
+            if attempt is not None and not re.fullmatch(r"[1-9][0-9]{0,8}", attempt):
+                raise _invalid_field("attempt", "attempt must be a whole number from 1")
+            attempt = attempt and int(attempt)
+            await jobs.held(worker, job_id, attempt)  # before a byte of the file is stored
+            too_big = (f"artifacts too big: more than {config.max_artifact_mb} MB (DISPATCH_MAX_ARTIFACT_MB); "
+                       "none were kept")
+            receiver = _Receiver(folder, config.max_artifact_mb * 1024 * 1024,
+                                 lambda: PayloadTooLarge(too_big, code="ARTIFACTS_TOO_LARGE"))
+            try:
+                await _receive_part(request, part, receiver)
+            except PayloadTooLarge:
+                with contextlib.suppress(DispatchError):
+                    await jobs.record_artifacts(worker, job_id, attempt, {"artifacts_error": too_big})
+                raise
+            receiver.finish()
+            files = await asyncio.to_thread(_zip_entry_count, receiver.path)
+            if files is None:
+                raise InvalidFile("The artifacts file is not a zip", code="NOT_A_ZIP")
+            held = await jobs.held(worker, job_id, attempt)
+            target = _artifacts_file(config.data_path, job_id, held["attempt"])
+            receiver.keep(target)
+            try:
+                job = await jobs.record_artifacts(worker, job_id, held["attempt"],
+                                                  {"size": receiver.size, "files": files, "sha256": receiver.sha256})
+            except DispatchError:
+                target.unlink(missing_ok=True)
+                raise
+        except (ValueError, AssertionError, KeyError, HttpProcessingError):
+            raise InvalidFile("Expected multipart/form-data with the fields jobId and attempt, then file",
+                              code="MALFORMED_UPLOAD") from None
+        finally:
+            if receiver is not None:
+                receiver.discard()
+    for earlier in folder.glob(f"{job_id}.*.zip"):
+        if earlier != target:
+            earlier.unlink(missing_ok=True)  # an earlier attempt's
+    request.app[METRICS].upload_bytes.inc(receiver.size)
+    return _json({"success": True, "jobId": job_id, "artifacts": _artifacts_json(job)}, status=201)
+
+
+async def artifacts_download_view(request: web.Request) -> web.FileResponse:
+    """The artifacts zip of a job's current attempt: its owner and admins only."""
+    principal = _user(request)
+    job_id = request.query.get("jobId")
+    if not job_id:
+        raise _invalid_field("jobId", "jobId is required")
+    job = await request.app[JOBS].find(job_id)
+    if job["submitted_by"] != principal.id and not principal.is_admin:
+        raise Forbidden("Only the job's owner or an admin may download its artifacts")
+    path = _artifacts_file(request.app[CONFIG].data_path, job["id"], job["attempt"])
+    if _artifacts_json(job) is None or not path.is_file():
+        why = job["artifacts_error"] if job["artifacts_attempt"] == job["attempt"] else None
+        raise NotFound(f"This job has no artifacts{': ' + why if why else ''}", code="NO_ARTIFACTS")
+    return web.FileResponse(path, headers={"Content-Type": "application/zip",
+                                           "Content-Disposition": f'attachment; filename="{job["id"]}-artifacts.zip"'})
+
+
+def _hash_list(value: Any, field: str, limit: int) -> list[str]:
+    if not isinstance(value, list) or len(value) > limit or not all(
+            isinstance(h, str) and SHA256_PATTERN.fullmatch(h) for h in value):
+        raise _invalid_field(field, f"{field} must be a list of at most {limit} SHA-256 hashes "
+                                    "(64 lowercase hex digits each)")
+    return value
+
+
+async def blobs_missing_view(request: web.Request) -> web.Response:
+    """Which of these contents the caller must send (PUT) before naming them in an inputTree."""
+    principal = _user(request)
+    hashes = _hash_list((await _json_body(request)).get("sha256"), "sha256", MAX_MISSING_QUERY)
+    return _json({"success": True, "missing": await request.app[BLOBS].missing(principal, hashes)})
+
+
+async def blob_put_view(request: web.Request) -> web.Response:
+    """Store one blob: the body is the content, refused unless its SHA-256 is the one in the path.
+    Streamed to disk; the upload size limit applies."""
+    principal = _user(request)
+    sha256 = request.match_info["sha256"]
+    if not SHA256_PATTERN.fullmatch(sha256):
+        raise _invalid_field("sha256", "a blob's name is the SHA-256 of its content: 64 lowercase hex digits")
+    config, blobs = request.app[CONFIG], request.app[BLOBS]
+    if request.content_length is not None and request.content_length > blobs.max_bytes:
+        raise _too_large(config)
+    receiver = blobs.receiver(lambda: _too_large(config))
+    with _receiving(request):
+        try:
+            while chunk := await _in_time(request, request.content.readany()):
+                receiver.write(chunk)
+            await blobs.keep(principal, [(sha256, receiver)])
+        finally:
+            receiver.discard()
+    request.app[METRICS].upload_bytes.inc(receiver.size)
+    return _json({"success": True, "sha256": sha256, "size": receiver.size}, status=201)
+
+
+_BATCH_LINE = re.compile(rb"([0-9a-f]{64}) ([0-9]{1,15})\n")
+
+
+async def blobs_batch_view(request: web.Request) -> web.Response:
+    """Store many blobs in one request (each request counts against the rate limit). The body is,
+    for each blob, a line ``<sha256> <size>`` and then exactly that many bytes: far cheaper to read
+    than a multipart part per small file. All are stored, or (one does not match its hash) none."""
+    principal = _user(request)
+    config, blobs = request.app[CONFIG], request.app[BLOBS]
+    received: list[tuple[str, _Receiver]] = []
+    body = request.content
+    with _receiving(request):
+        try:
+            while line := await _in_time(request, body.readline()):
+                header = _BATCH_LINE.fullmatch(line)
+                if header is None:
+                    raise InvalidFile("Each blob starts with a line '<sha256> <size>' (64 lowercase hex digits, a "
+                                      "space, its size in bytes), then its content", code="MALFORMED_UPLOAD")
+                if len(received) == MAX_FETCH_BLOBS:
+                    raise InvalidFile(f"At most {MAX_FETCH_BLOBS} blobs per request", code="TOO_MANY_BLOBS")
+                left = int(header[2])
+                if left > blobs.max_bytes:
+                    raise _too_large(config)
+                receiver = blobs.receiver(lambda: _too_large(config))
+                received.append((header[1].decode(), receiver))
+                while left:
+                    chunk = await _in_time(request, body.read(min(left, 256 * 1024)))
+                    if not chunk:
+                        raise InvalidFile("The body ended inside a blob", code="TRUNCATED_UPLOAD")
+                    receiver.write(chunk)
+                    left -= len(chunk)
+                receiver.finish()
+            if not received:
+                raise InvalidFile("No blobs: send a line '<sha256> <size>' and the content for each",
+                                  code="MISSING_FILE")
+            await blobs.keep(principal, received)
+        except ValueError:  # a line far too long: no header
+            raise InvalidFile("Each blob starts with a line '<sha256> <size>'", code="MALFORMED_UPLOAD") from None
+        finally:
+            for _, receiver in received:
+                receiver.discard()
+    size = sum(receiver.size for _, receiver in received)
+    request.app[METRICS].upload_bytes.inc(size)
+    return _json({"success": True, "stored": len(received), "size": size}, status=201)
+
+
+async def blobs_fetch_view(request: web.Request) -> web.StreamResponse:
+    """A worker fetches blobs of the input tree of a job it holds: the answer is their contents
+    one after the other, in the order asked (the tree says each one's size; the agent checks each
+    one's hash)."""
+    worker = _worker(request)
+    body = await _json_body(request)
+    job_id = _require_string(body, "jobId", max_length=128)
+    attempt = _optional_int(body, "attempt", minimum=1)
+    hashes = _hash_list(body.get("sha256"), "sha256", MAX_FETCH_BLOBS)
+    await request.app[JOBS].held(worker, job_id, attempt)
+    sizes = await request.app[STORE].blobs_of_held_job(worker.id, job_id, attempt, hashes)
+    if sizes is None:
+        raise Forbidden("A worker may fetch only blobs of the input tree of a job it holds")
+    blobs = request.app[BLOBS]
+    for sha256 in hashes:
+        if not blobs.path(sha256).is_file():
+            raise NotFound(f"Blob {sha256} is missing on the server: submit the job again", code="BLOB_MISSING")
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = sum(sizes[sha256] for sha256 in hashes)
+    await response.prepare(request)
+    for sha256 in hashes:
+        with open(blobs.path(sha256), "rb") as f:
+            while chunk := f.read(256 * 1024):
+                await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+@contextlib.contextmanager
+def _receiving(request: web.Request):
+    """A request body being received: aiohttp reads no more request bodies once shutdown begins,
+    so a stop cancels it (and its partial files are removed)."""
+    uploading = request.app[UPLOADS_IN_PROGRESS]
+    uploading.add(asyncio.current_task())
+    try:
+        yield
+    finally:
+        uploading.discard(asyncio.current_task())
+
+
+async def _fields_before_file(request: web.Request, reader, names: tuple[str, ...]) -> tuple[dict[str, str], Any]:
+    """The short text fields ``names`` that come before the multipart ``file`` part, and that part."""
+    fields: dict[str, str] = {}
+    while (part := await _in_time(request, reader.next())) is not None:
+        if part.name == "file":
+            return fields, part
+        if part.name in names:
+            value = b""
+            while chunk := await _in_time(request, part.read_chunk(1024)):
+                value += chunk
+                if len(value) > 256:
+                    raise _invalid_field(part.name, f"{part.name} is too long")
+            fields[part.name] = value.decode(errors="replace")
+        else:
+            await part.release()
+    raise InvalidFile("Form field 'file' is required", code="MISSING_FILE", details={"field": "file"})
+
+
+async def _receive_part(request: web.Request, part, receiver: _Receiver) -> None:
+    while chunk := await _in_time(request, part.read_chunk(256 * 1024)):
+        receiver.write(chunk)
+    if not part.at_eof():  # the body ended inside the part: keeping it would keep a truncated file
+        raise InvalidFile("The upload ended before the file did", code="TRUNCATED_UPLOAD")
 
 
 # === HTTP: files and operations ===
@@ -2794,6 +3709,10 @@ async def _storage_ctx(app: web.Application):
     app[TOKENS] = Tokens(_read_or_create_secret(config.data_path / "jwt_secret", lambda: secrets.token_hex(32)))
     app[STORE] = store = await Store.open(config.data_path / "dispatch.db", app[CLOCK])
     app[JOBS] = Jobs(store, config, app[CLOCK], Announcer(app[HUB], app[BELL], app[METRICS]))
+    app[BLOBS] = Blobs(store, config.data_path / "blobs", config.max_upload_mb * 1024 * 1024)
+    app[BLOBS].clean()
+    for leftover in (config.data_path / "artifacts").glob(".*.partial"):
+        leftover.unlink()  # artifacts the previous process did not finish receiving
     if await store.count_users() == 0:
         password = config.admin_password or secrets.token_urlsafe(12)
         await create_user(store, config.admin_email, password, "admin", config.bcrypt_rounds)
@@ -2804,7 +3723,8 @@ async def _storage_ctx(app: web.Application):
 
 async def _sweeper_ctx(app: web.Application):
     """Background clean-up: lost and overdue jobs often (a dead worker's jobs must move on within
-    a second of it being declared offline); uploads, revocations and jobs past retention every minute."""
+    a second of it being declared offline); uploads, revocations, and jobs and workers past retention
+    every minute."""
     job_period = min(1.0, app[CONFIG].heartbeat_interval / 2)
 
     async def sweep_forever() -> None:
@@ -2838,9 +3758,18 @@ async def _sweep_storage(app: web.Application) -> None:
                 folder.rmdir()
             await store.delete_file(record["id"])
     await store.purge_revoked_tokens(int(now.timestamp()))
+    await app[JOBS].forget_silent_workers(app[CONFIG].worker_retention_days)
     old = _iso(now - dt.timedelta(days=app[CONFIG].job_retention_days))
-    while await store.delete_finished_jobs(old):
+    artifacts = app[CONFIG].data_path / "artifacts"
+    while deleted := await store.delete_finished_jobs(old):
+        for job_id in deleted:  # artifacts expire with their job
+            for path in artifacts.glob(f"{job_id}.*.zip"):
+                path.unlink(missing_ok=True)
         await asyncio.sleep(0)  # small batches, so requests go on in between
+    unused = _iso(now - dt.timedelta(days=app[CONFIG].file_ttl_days))
+    while swept := await store.expire_trees_and_blobs(unused):
+        app[BLOBS].sweep(swept)
+        await asyncio.sleep(0)
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -2885,6 +3814,8 @@ def create_app(config: Config, *, clock: Optional[Clock] = None) -> web.Applicat
         web.get("/api/workers/{worker_id}", worker_view),
         web.delete("/api/workers/{worker_id}", delete_worker_view),
         web.post("/api/workers/approve", approve_worker_view),
+        web.post("/api/workers/pause", pause_worker_view),
+        web.post("/api/workers/resume", resume_worker_view),
         web.post("/api/workers/registration-token", rotate_registration_token_view),
         web.post("/api/jobs/submit", submit_view),
         web.get("/api/jobs/status", status_view),
@@ -2893,6 +3824,13 @@ def create_app(config: Config, *, clock: Optional[Clock] = None) -> web.Applicat
         web.post("/api/jobs/stream-output", stream_output_view),
         web.post("/api/jobs/submit-result", submit_result_view),
         web.post("/api/jobs/cancel", cancel_view),
+        web.get("/api/jobs/follow", follow_view),
+        web.post(ARTIFACTS_PATH, artifacts_upload_view),
+        web.get(ARTIFACTS_PATH, artifacts_download_view),
+        web.post("/api/blobs/missing", blobs_missing_view),
+        web.post("/api/blobs/batch", blobs_batch_view),
+        web.post("/api/blobs/fetch", blobs_fetch_view),
+        web.put("/api/blobs/{sha256}", blob_put_view),
         web.post("/api/files/upload", upload_view),
         web.get("/api/files/download/{file_id}", download_view),
         web.get(UPLOAD_ROUTE, download_view),

@@ -1,4 +1,4 @@
--- dispatch schema, version 4 (dispatch.py's MIGRATIONS bring an older database here). Applied at every start; every statement is idempotent.
+-- dispatch schema, version 6 (dispatch.py's MIGRATIONS bring an older database here). Applied at every start; every statement is idempotent.
 -- Timestamps are ISO 8601 UTC text with milliseconds ("2026-01-25T10:30:00.000Z"), so text order is time order.
 
 CREATE TABLE IF NOT EXISTS users (
@@ -34,16 +34,17 @@ CREATE TABLE IF NOT EXISTS workers (
     total_memory_mb INTEGER,
     metadata        TEXT NOT NULL DEFAULT '{}',
     tags            TEXT NOT NULL DEFAULT '[]',
-    reported_status TEXT NOT NULL DEFAULT 'idle',
-    jobs_completed  INTEGER NOT NULL DEFAULT 0,
+    reported_status TEXT NOT NULL DEFAULT 'idle',  -- 'offline': its agent's last word, it stopped
+    jobs_completed  INTEGER NOT NULL DEFAULT 0,    -- jobs completed on it (trigger jobs_count_completed)
     registered_at   TEXT NOT NULL,
     last_heartbeat  TEXT NOT NULL,
-    -- takes jobs (available) or not: waiting for approval (pending), or paused
+    -- takes jobs (available) or not: waiting for approval (pending), or paused by an admin
     state           TEXT NOT NULL DEFAULT 'available' CHECK (state IN ('available', 'paused', 'pending')),
     -- what it offers the farm (cpu_count and total_memory_mb are what the machine has)
     cpus            INTEGER NOT NULL DEFAULT 1,
     memory_mb       INTEGER NOT NULL DEFAULT 0,
-    gpus            INTEGER NOT NULL DEFAULT 0
+    gpus            INTEGER NOT NULL DEFAULT 0,
+    reported_pause  TEXT  -- why its agent takes no jobs now ("owner active"), NULL while it takes them
 );
 
 CREATE TABLE IF NOT EXISTS files (
@@ -92,7 +93,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     memory_mb         INTEGER NOT NULL DEFAULT 0,
     gpus              INTEGER NOT NULL DEFAULT 0,
     after             TEXT NOT NULL DEFAULT '[]',  -- the jobs it waits for (ids, JSON)
-    parents_left      INTEGER NOT NULL DEFAULT 0   -- of those, not completed yet: it is claimable at 0
+    parents_left      INTEGER NOT NULL DEFAULT 0,  -- of those, not completed yet: it is claimable at 0
+    artifact_patterns TEXT NOT NULL DEFAULT '[]',  -- globs of the files to bring back (JSON)
+    artifacts_when    TEXT NOT NULL DEFAULT 'on_success',
+    input_tree_id     TEXT,                        -- its input as files by content (input_trees), or NULL
+    env               TEXT NOT NULL DEFAULT '{}',  -- variables added to its command's environment (JSON)
+    artifacts_attempt INTEGER,                     -- the attempt the artifacts below belong to
+    artifacts_size    INTEGER,                     -- the zip's bytes (NULL: none kept)
+    artifacts_files   INTEGER,
+    artifacts_sha256  TEXT,
+    artifacts_error   TEXT,                        -- why that attempt has no artifacts (too big)
+    suspended_at      TEXT,                        -- its agent stopped its processes then (owner back)
+    suspended_seconds REAL NOT NULL DEFAULT 0      -- earlier suspensions of the attempt: not in its timeout
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (status, priority_rank DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker_id, status);
@@ -102,6 +114,40 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (completed_at) WHERE completed_
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (status, parents_left, submitted_by, priority_rank DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (submitted_by, status);         -- running now, per person
 CREATE INDEX IF NOT EXISTS jobs_owner_served ON jobs (submitted_by, started_at);  -- served last, per person
+CREATE INDEX IF NOT EXISTS jobs_input_tree ON jobs (input_tree_id) WHERE input_tree_id IS NOT NULL;
+
+-- Content-addressed inputs. A blob is a file's content, named by its SHA-256 and kept once in
+-- <data dir>/blobs; each person who sent it is an owner, and only an owner (or an admin) may name
+-- it in a job. An input tree is a job's files ([{"path", "sha256", "size", "mode"}]), kept once
+-- under a hash of its JSON. Both are swept once nothing has used them for DISPATCH_FILE_TTL_DAYS.
+CREATE TABLE IF NOT EXISTS blobs (
+    sha256       TEXT PRIMARY KEY,
+    size         INTEGER NOT NULL,
+    created_at   TEXT NOT NULL,
+    last_used_at TEXT NOT NULL  -- sent, asked about, or named by a submitted job
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_last_used ON blobs (last_used_at);
+CREATE TABLE IF NOT EXISTS blob_owners (
+    sha256  TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    PRIMARY KEY (sha256, user_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS input_trees (
+    id           TEXT PRIMARY KEY,  -- SHA-256 of the tree's JSON
+    tree         TEXT NOT NULL,
+    files        INTEGER NOT NULL,
+    size         INTEGER NOT NULL,
+    created_at   TEXT NOT NULL,
+    last_used_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS input_trees_last_used ON input_trees (last_used_at);
+-- Which blobs each tree holds: what a worker may fetch for the job it runs, and what keeps a blob.
+CREATE TABLE IF NOT EXISTS tree_blobs (
+    tree_id TEXT NOT NULL,
+    sha256  TEXT NOT NULL,
+    PRIMARY KEY (tree_id, sha256)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tree_blobs_blob ON tree_blobs (sha256);
 
 -- Dependencies: a row per (parent, child). Both triggers act inside the statement that changes the
 -- job, so a crash can never leave a child waiting for a parent that has already completed.
@@ -118,6 +164,12 @@ CREATE TRIGGER IF NOT EXISTS jobs_release_children AFTER UPDATE OF status ON job
 WHEN NEW.status = 'completed' AND OLD.status != 'completed' BEGIN
     UPDATE jobs SET parents_left = parents_left - 1
     WHERE id IN (SELECT child_id FROM job_parents WHERE parent_id = NEW.id) AND status = 'queued';
+END;
+-- A worker's jobs done are counted here, in the statement that completes the job: the count survives
+-- agent restarts and job retention, and never lags the job list.
+CREATE TRIGGER IF NOT EXISTS jobs_count_completed AFTER UPDATE OF status ON jobs
+WHEN NEW.status = 'completed' AND OLD.status != 'completed' BEGIN
+    UPDATE workers SET jobs_completed = jobs_completed + 1 WHERE id = NEW.worker_id;
 END;
 
 -- Output is appended chunk by chunk, so a long log costs O(total size), never a rewrite per chunk.
@@ -139,4 +191,4 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 
-PRAGMA user_version = 4;
+PRAGMA user_version = 6;

@@ -9,9 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import os
 import shutil
 import signal
 import stat
+import subprocess
 import sys
 import time
 import urllib.request
@@ -495,3 +497,27 @@ def test_a_fan_in_of_100_parents_starts_once_after_the_last(user, start_agent):
 
     assert (job["status"], job["stdout"], job["attempts"]) == ("completed", "merged\n", 1)
     assert job["startedAt"] >= last_part
+
+
+def test_a_deleted_worker_stays_deleted_its_agent_stops_and_says_how_to_add_it_again(user, start_agent):
+    desk = start_agent("desk-1")
+    assert user.wait(user.submit("echo one"))["status"] == "completed"
+
+    assert user.call("DELETE", "/api/workers/desk-1")[0] == 200
+
+    assert desk.process.wait(15) == 2
+    assert "no longer accepts worker 'desk-1'" in desk.log() and "worker.json" in desk.log()
+    time.sleep(1.5)  # a heartbeat interval: it would have registered again by now
+    assert user.call("GET", "/api/workers/desk-1")[0] == 404
+
+
+def test_a_wrong_registration_token_stops_the_agent_with_one_sentence(server, tmp_path):
+    folder = tmp_path / "desktop"
+    folder.mkdir()
+    shutil.copy(ROOT / "agent.py", folder / "agent.py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+    result = subprocess.run([sys.executable, str(folder / "agent.py"), "--server", server.url, "--token", "wrong",
+                             "--work-dir", str(folder / "work")], capture_output=True, text=True, timeout=30, env=env)
+
+    assert result.returncode == 2
+    assert "refused the registration token" in result.stderr and "Traceback" not in result.stderr

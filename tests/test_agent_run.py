@@ -320,26 +320,48 @@ def test_backoff_grows_while_the_server_is_unreachable_and_never_spins(make_agen
     assert delays[-1] >= 4 * delays[0]
 
 
-def test_a_refused_worker_token_means_registering_again(fake, make_agent):
+def test_a_refused_worker_token_stops_the_agent_instead_of_registering_again(fake, make_agent, caplog):
+    """An admin deleted the worker: registering it again behind their back would undo that."""
     fake.route("GET", "/api/jobs/get-job", (401, {}, {"message": "unknown worker"}), (204, {}, b""))
     worker = make_agent(fake.url)
 
-    worker.poll_once(now=0.0)
-    worker.poll_once(now=100.0)
+    assert worker.poll_once(now=0.0) is None
+    assert worker.poll_once(now=100.0) is None
 
     assert fake.paths() == [("POST", "/api/workers/register"), ("POST", "/api/workers/heartbeat"),
-                            ("GET", "/api/jobs/get-job"), ("POST", "/api/workers/register"),
                             ("GET", "/api/jobs/get-job")]
+    assert isinstance(worker.fatal, agent.Fatal)
+    assert "no longer accepts worker 'desk-1'" in caplog.text and "worker.json" in caplog.text
 
 
-def test_an_id_registered_elsewhere_is_explained_and_retried(fake, make_agent, caplog):
-    fake.route("POST", "/api/workers/register", (409, {}, {"message": "Worker already registered"}))
+@pytest.mark.parametrize("status, says", [
+    (409, "worker id 'desk-1' is already registered"),
+    (401, "refused the registration token"),
+    (404, "--server must be the dispatch server's address"),
+])
+def test_a_registration_that_retrying_cannot_fix_stops_the_agent_and_says_what_to_change(
+        fake, make_agent, caplog, status, says):
+    fake.route("POST", "/api/workers/register", (status, {}, {"message": "no"}))
     worker = make_agent(fake.url)
 
-    assert worker.poll_once(now=0.0) > 0
+    assert worker.poll_once(now=0.0) is None
 
-    assert "worker id 'desk-1' is already registered" in caplog.text
-    assert "--worker-id" in caplog.text and "registration-secret" not in caplog.text
+    assert fake.paths() == [("POST", "/api/workers/register")]
+    assert says in str(worker.fatal) and caplog.text.count(says) == 1
+    assert "registration-secret" not in caplog.text
+
+
+def test_an_unreachable_server_is_logged_once_not_per_retry(make_agent, caplog):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    worker = make_agent(f"http://127.0.0.1:{port}")
+    now = 0.0
+    for _ in range(4):
+        now += worker.poll_once(now=now)
+
+    assert caplog.text.count("cannot reach the server") == 1
+    assert "heartbeat failed" not in caplog.text
 
 
 def test_the_saved_token_is_reused_by_the_next_agent_on_the_same_work_dir(fake, make_agent):
@@ -682,3 +704,19 @@ def test_only_the_same_scheme_host_and_port_count_as_the_servers_origin():
     assert agent._origin("http://LanBox/uploads/x") == agent._origin("http://lanbox:80")
     assert agent._origin("http://lanbox:3000/x") != agent._origin("http://lanbox:3001")
     assert agent._origin("https://lanbox:3000/x") != agent._origin("http://lanbox:3000")
+
+
+def test_a_server_url_ending_in_api_is_refused_at_start_with_the_right_one(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        agent.parse_config(["--server", "http://lanbox:3000/api/", "--token", "t"], environ={})
+
+    assert exit_.value.code == 2
+    assert "without /api: http://lanbox:3000" in capsys.readouterr().err
+
+
+def test_https_to_a_plain_http_server_stops_the_agent_and_says_so(fake, make_agent):
+    worker = make_agent(fake.url.replace("http://", "https://"))
+
+    assert worker.poll_once(now=0.0) is None
+
+    assert "does not speak HTTPS: give --server as http://" in str(worker.fatal)

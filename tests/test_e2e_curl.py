@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, ServerProcess, make_zip
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, AgentProcess, ServerProcess, make_zip
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")]
 
@@ -35,40 +35,71 @@ def login(server: ServerProcess, email: str = ADMIN_EMAIL, password: str = ADMIN
     return http(server, "POST", "/api/auth/login", body={"email": email, "password": password})[1]["token"]
 
 
-def test_readme_curl_workflows_run_against_a_real_server(dispatch_server, tmp_path):
-    setup, client, worker, cancel, api_token = readme_bash_blocks()
-    script = "\n".join([setup, client, worker, 'echo "JOB_ID=$JOB_ID"', api_token, 'echo "API_TOKEN=$API_TOKEN"',
-                        cancel])
-    script = script.replace("http://localhost:3000", dispatch_server.url)
+def as_script(server: ServerProcess, *parts: str) -> str:
+    """README blocks (and lines of our own) as one script for this server and its credentials."""
+    script = "\n".join(parts).replace("http://localhost:3000", server.url)
     script = re.sub(r"EMAIL=\S+ PASSWORD='[^']*'", f"EMAIL={ADMIN_EMAIL} PASSWORD='{ADMIN_PASSWORD}'", script)
-    script = re.sub(r"REGISTRATION_TOKEN='[^']*'", f"REGISTRATION_TOKEN='{REGISTRATION_TOKEN}'", script)
+    return re.sub(r"REGISTRATION_TOKEN='[^']*'", f"REGISTRATION_TOKEN='{REGISTRATION_TOKEN}'", script)
+
+
+def readme_script(server: ServerProcess) -> str:
+    """Every curl block in README order: setup, person, worker, API token, cancel."""
+    setup, client, worker, cancel, api_token = readme_bash_blocks()
+    return as_script(server, setup, client, 'echo "CLIENT_JOB_ID=$JOB_ID"', worker, 'echo "WORKER_JOB_ID=$JOB_ID"',
+                     api_token, 'echo "API_TOKEN=$API_TOKEN"', cancel)
+
+
+def test_readme_curl_workflows_pass_when_pasted_twice_in_a_row(dispatch_server, tmp_path):
     (tmp_path / "project.zip").write_bytes(make_zip({"project/README": "hello\n"}))
+    for paste in (1, 2):
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_script(dispatch_server)],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
-    run = subprocess.run(["bash", "-euo", "pipefail", "-c", script],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, f"paste {paste}: " + run.stdout + run.stderr
+        # curl prints answers without newlines: the first is step 4 of the client block, before any worker ran
+        first_answer, _ = json.JSONDecoder().raw_decode(run.stdout)
+        assert first_answer["job"]["status"] == "queued"
+        assert first_answer["job"]["fileUrl"].endswith("/project.zip")
+        token = login(dispatch_server)
+        client_job = http(dispatch_server, "GET", "/api/jobs/status?jobId=" +
+                          re.search(r"CLIENT_JOB_ID=(job-\w+)", run.stdout).group(1), token=token)[1]["job"]
+        assert client_job["command"] == "ls -R"
+        worker_job = http(dispatch_server, "GET", "/api/jobs/status?jobId=" +
+                          re.search(r"WORKER_JOB_ID=(job-\w+)", run.stdout).group(1), token=token)[1]["job"]
+        assert (worker_job["status"], worker_job["exitCode"], worker_job["command"]) == ("completed", 0, "make test")
+        assert worker_job["workerId"].startswith("by-hand-")
+        assert worker_job["stdout"] == "test line\ntests passed"
+        api_token = re.search(r"API_TOKEN=(dsp_\S+)", run.stdout).group(1)
+        assert run.stdout.count('"jobs": [') == 2  # the client block's list, and the API token's
+        assert '"message": "API token revoked"' in run.stdout
+        with pytest.raises(urllib.error.HTTPError) as revoked:
+            http(dispatch_server, "GET", "/api/jobs/list", token=api_token)
+        assert revoked.value.code == 401
+        revoked.value.close()
+        cancelled = json.loads(run.stdout[run.stdout.rindex("{"):])  # the cancel block's answer, last
+        assert cancelled["status"] == "cancelled"
+        _, answer = http(dispatch_server, "GET", f"/api/jobs/status?jobId={cancelled['jobId']}", token=token)
+        assert (answer["job"]["command"], answer["job"]["status"]) == ("sleep 600", "cancelled")
 
-    assert run.returncode == 0, run.stdout + run.stderr
-    job_id = re.search(r"JOB_ID=(job-\w+)", run.stdout).group(1)
-    # curl prints answers without newlines: the first is step 4 of the client block, before any worker ran
-    first_answer, _ = json.JSONDecoder().raw_decode(run.stdout)
-    assert first_answer["job"]["status"] == "queued"
-    assert first_answer["job"]["fileUrl"].endswith("/project.zip")
-    _, answer = http(dispatch_server, "GET", f"/api/jobs/status?jobId={job_id}", token=login(dispatch_server))
-    job = answer["job"]
-    assert (job["status"], job["exitCode"], job["workerId"]) == ("completed", 0, "worker-001")
-    assert job["stdout"] == "test line\ntests passed"
-    assert job["command"] == "ls -R"
-    api_token = re.search(r"API_TOKEN=(dsp_\S+)", run.stdout).group(1)
-    assert run.stdout.count('"jobs": [') == 2  # the client block's list, and the API token's
-    assert '"message": "API token revoked"' in run.stdout
-    with pytest.raises(urllib.error.HTTPError) as revoked:
-        http(dispatch_server, "GET", "/api/jobs/list", token=api_token)
-    assert revoked.value.code == 401
-    revoked.value.close()
-    cancelled = json.loads(run.stdout[run.stdout.rindex("{"):])  # the cancel block's answer, last
-    assert cancelled["status"] == "cancelled"
-    _, answer = http(dispatch_server, "GET", f"/api/jobs/status?jobId={cancelled['jobId']}", token=login(dispatch_server))
-    assert (answer["job"]["command"], answer["job"]["status"]) == ("sleep 600", "cancelled")
+
+def test_the_worker_block_works_while_an_agent_takes_every_other_job(dispatch_server, tmp_path):
+    setup, client, worker, _cancel, _api_token = readme_bash_blocks()
+    log_in = client.split("# 2.")[0]  # the person block's step 1 gives the token the worker block submits with
+    script = as_script(dispatch_server, setup, log_in, worker, 'echo "WORKER_JOB_ID=$JOB_ID"')
+    folder = tmp_path / "desktop"
+    folder.mkdir()
+    shutil.copy(ROOT / "agent.py", folder / "agent.py")
+    agent = AgentProcess(folder / "agent.py", dispatch_server.url, "desk-1", folder / "work", []).start()
+    try:
+        for paste in (1, 2):
+            run = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                                 text=True, timeout=60)
+            assert run.returncode == 0, f"paste {paste}: " + run.stdout + run.stderr
+            job_id = re.search(r"WORKER_JOB_ID=(job-\w+)", run.stdout).group(1)
+            job = http(dispatch_server, "GET", f"/api/jobs/status?jobId={job_id}", token=login(dispatch_server))[1]
+            assert (job["job"]["status"], job["job"]["workerId"][:8]) == ("completed", "by-hand-")
+    finally:
+        agent.stop()
 
 
 def test_first_start_prints_token_admin_and_agent_command(tmp_path, server_env):

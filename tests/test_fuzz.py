@@ -26,7 +26,8 @@ json_values = st.recursive(
 FIELDS = ["command", "fileUrl", "workingDirectory", "timeout", "priority", "tags", "retries", "maxAttempts",
           "jobId", "attempt", "data", "type", "exitCode", "stdout", "stderr", "error", "workerId", "hostname",
           "cpuCount", "totalMemoryMb", "metadata", "status", "jobsCompleted", "email", "password", "role", "progress",
-          "name", "expiresInDays", "cpus", "memoryMb", "gpus", "after", "jobs"]
+          "name", "expiresInDays", "cpus", "memoryMb", "gpus", "after", "jobs", "state", "pausedReason",
+          "suspended", "evicted", "inputTree", "artifacts", "artifactsWhen", "env", "sha256"]
 bodies = st.one_of(json_values, st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8))
 
 # (method, path, who) — who: "admin", "worker" or "registration"
@@ -36,13 +37,16 @@ POST_ENDPOINTS = [
     ("POST", "/api/jobs/submit", "admin"), ("POST", "/api/jobs/stream-output", "worker"),
     ("POST", "/api/jobs/submit-result", "worker"), ("POST", "/api/jobs/cancel", "admin"),
     ("POST", "/api/auth/tokens", "admin"), ("POST", "/api/workers/approve", "admin"),
+    ("POST", "/api/workers/pause", "admin"), ("POST", "/api/workers/resume", "admin"),
     ("POST", "/api/workers/registration-token", "admin"),  # pinned by the environment here: always a 409
+    ("POST", "/api/blobs/missing", "admin"), ("POST", "/api/blobs/fetch", "worker"),
 ]
 GET_ENDPOINTS = [
     ("/api/jobs/list", "admin"), ("/api/jobs/status", "admin"), ("/api/workers/list", "admin"),
     ("/api/auth/tokens", "admin"),
     ("/api/jobs/get-job", "worker"), ("/api/workers/x", "admin"), ("/api/files/download/x", "admin"),
     ("/uploads/x/y", "admin"), ("/api/health", None),
+    ("/api/jobs/artifacts", "admin"), ("/api/jobs/follow", "admin"),  # no such job: never a stream that stays open
 ]
 QUERY_KEYS = ["limit", "offset", "sort", "status", "workerId", "tags", "jobId"]
 TRICKY_WAITS = ["nan", "inf", "-1", "1e999", "0", "0.1", "", "x", "61", "-0"]  # never a long wait
@@ -106,6 +110,9 @@ VALID_BASES = [
     ("/api/users", "admin", {"email": "fuzzed@example.com", "password": "fuzzed-password"}),
     ("/api/auth/tokens", "admin", {"name": "fuzzed"}),
     ("/api/workers/approve", "admin", {"workerId": "fuzz-worker"}),
+    ("/api/workers/pause", "admin", {"workerId": "fuzz-worker"}),
+    ("/api/blobs/missing", "admin", {"sha256": ["0" * 64]}),
+    ("/api/blobs/fetch", "worker", {"jobId": "job-none", "sha256": []}),
 ]
 
 
@@ -147,6 +154,48 @@ def test_deleting_a_random_api_token_id_is_a_404(farm, token_id):
     status, text = farm.request("DELETE", f"/api/auth/tokens/{urllib.parse.quote(token_id, safe='')}",
                                 farm.credentials["admin"])
     assert status in (404, 405), text  # 405: an id that empties the path
+
+
+tree_entries = st.fixed_dictionaries(
+    {"path": st.one_of(st.text(max_size=30), st.sampled_from(["../x", "/etc/passwd", "a/../../b", "C:/x", "a\\b",
+                                                                "a//b", ".", "a/", "x" * 5000])),
+     "sha256": st.one_of(st.just("0" * 64), st.text(max_size=70)), "size": json_values, "mode": json_values})
+
+
+@FUZZ
+@given(tree=st.lists(tree_entries, max_size=5))
+def test_random_input_trees_are_refused_with_a_400_never_a_500(farm, tree):
+    status, text = farm.request("POST", "/api/jobs/submit", farm.credentials["admin"],
+                                {"command": "make", "inputTree": tree})
+    assert status == 400, text  # no blob 000...0 is stored, so not even a valid tree passes
+
+
+@FUZZ
+@given(content=st.binary(max_size=300), name=st.one_of(st.text(max_size=70), st.just("0" * 64)))
+def test_a_random_blob_under_a_random_name_is_refused_with_a_4xx(farm, content, name):
+    path = f"/api/blobs/{urllib.parse.quote(name, safe='')}"
+    status, text = farm.request("PUT", path, {**farm.credentials["admin"], "Content-Type": "application/octet-stream"},
+                                raw=content)
+    assert 400 <= status < 500, text  # 0...0 is no content's hash, so nothing random is ever stored
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300), boundary=st.sampled_from(["", "x", "----b"]),
+       endpoint=st.sampled_from([("/api/jobs/artifacts", "worker"), ("/api/blobs/batch", "admin")]))
+def test_random_multipart_bodies_never_get_a_500(farm, raw, boundary, endpoint):
+    path, who = endpoint
+    headers = {**farm.credentials[who], "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, text = farm.request("POST", path, headers, raw=raw)
+    assert 400 <= status < 500, text
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300), size=st.integers(min_value=0, max_value=400),
+       head=st.sampled_from([b"", b"0" * 64 + b" ", b"f" * 64 + b" 3\n"]))
+def test_random_blob_batches_are_refused_with_a_4xx(farm, raw, size, head):
+    body = head + (str(size).encode() + b"\n" if head.endswith(b" ") else b"") + raw
+    status, text = farm.request("POST", "/api/blobs/batch", farm.credentials["admin"], raw=body)
+    assert 400 <= status < 500, text  # no random content has the hash its line names
 
 
 def send_raw(farm: Farm, head: bytes) -> None:

@@ -11,6 +11,7 @@ import json
 import re
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import jwt
@@ -327,6 +328,23 @@ def test_output_with_html_and_ansi_stays_text(page, api):
     assert red.evaluate("el => getComputedStyle(el).fontWeight") == "700"
 
 
+def test_a_job_page_links_its_artifacts_with_their_file_count(page, api, tmp_path):
+    job_id = api.submit("mkdir -p dist/sub; echo a > dist/a.txt; echo b > dist/sub/b.txt", artifacts=["dist/**"])
+    api.wait(job_id)
+
+    open_logged_in(page, f"/#/jobs/{job_id}")
+    link = page.locator("#job-artifacts")
+    expect(link).to_have_text(re.compile(r"^⤓ 2 files, \d+ B$"))
+    with page.expect_download() as download:
+        link.click()
+    saved = tmp_path / "artifacts.zip"
+    download.value.save_as(saved)
+    import zipfile
+
+    with zipfile.ZipFile(saved) as archive:
+        assert sorted(archive.namelist()) == ["dist/a.txt", "dist/sub/b.txt"]
+
+
 def test_a_queued_job_says_what_it_waits_for_and_links_its_parents_and_children(page, api):
     parent = api.submit("true", tags=["windows"], memoryMb=1)  # no desktop here has the tag
     child = api.submit("true", after=[parent], cpus=2)
@@ -494,6 +512,8 @@ def test_an_admin_approves_a_pending_desktop_on_the_page_and_its_agent_runs_the_
         user_row = as_user.locator("#workers tbody tr[data-worker=new-desktop]")
         expect(user_row.locator(".s-pending")).to_have_text("pending")
         expect(user_row.get_by_role("button", name="Approve")).to_have_count(0)  # only an admin approves
+        expect(user_row.get_by_role("button", name="Delete")).to_have_count(0)  # ... or deletes
+        expect(as_user.locator("#rotate-token")).to_be_hidden()
         as_user.context.close()
 
         page = context.new_page()
@@ -514,5 +534,161 @@ def test_an_admin_approves_a_pending_desktop_on_the_page_and_its_agent_runs_the_
     finally:
         context.close()
         agent.stop()
+        server.stop()
+    assert not problems, problems
+
+
+# --- the page lives on the WebSocket ---------------------------------------------------------------
+
+
+def requests_of(page) -> list[str]:
+    """The HTTP requests the page makes from now on (its WebSocket is not one), as "METHOD path"."""
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(f"{request.method} {request.url.split('/', 3)[3]}"))
+    return asked
+
+
+def worker_heartbeat(server_url: str, worker_token: str, **body) -> int:
+    request = urllib.request.Request(server_url + "/api/workers/heartbeat", method="POST",
+                                     data=json.dumps({"status": "idle", **body}).encode(),
+                                     headers={"x-worker-token": worker_token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status
+
+
+def test_the_farm_follows_jobs_and_workers_from_the_socket_without_asking(page, farm, api):
+    open_logged_in(page, "/")
+    desktop = page.locator(f"#workers tbody tr[data-worker={WORKER_ID}]")
+    expect(desktop).to_be_visible()
+    expect(page.locator("#conn")).to_have_text("live")
+    page.wait_for_timeout(500)  # the first loads have answered
+    done, running = int(desktop.locator("td").nth(7).inner_text()), int(page.locator("#stat-running").inner_text())
+    asked = requests_of(page)
+
+    job_id = api.submit("sleep 1.5; echo done", tags=["linux"])
+    row = page.locator(f"#jobs tbody tr[data-href='#/jobs/{job_id}']")
+    expect(row.locator(".badge")).to_have_text("running")
+    expect(page.locator("#stat-running")).to_have_text(str(running + 1))
+    expect(desktop.locator(".badge").first).to_have_text("busy")
+    expect(desktop).to_contain_text("sleep 1.5")  # its current job's command
+    expect(row.locator(".badge")).to_have_text("completed", timeout=15_000)
+    expect(page.locator("#stat-running")).to_have_text(str(running))
+    expect(desktop.locator("td").nth(7)).to_have_text(str(done + 1))  # jobs done, as the server counts them
+
+    # A desktop registers, its agent stops (its last heartbeat says so), and it is deleted.
+    status, body = api.call("POST", "/api/workers/register", {"workerId": "passing-desktop", "hostname": "passing"})
+    assert status == 201, body
+    passing = page.locator("#workers tbody tr[data-worker=passing-desktop]")
+    expect(passing.locator(".badge").first).to_have_text("online")
+    assert worker_heartbeat(farm[0].url, body["token"], status="offline") == 200
+    expect(passing.locator(".badge").first).to_have_text("offline")
+    assert api.call("DELETE", "/api/workers/passing-desktop")[0] == 200
+    expect(passing).to_have_count(0)
+    assert asked == [], asked
+
+
+def test_an_idle_farm_page_asks_the_server_at_most_twice_a_minute(page):
+    # The page's clock runs ten minutes in ten-second steps; its requests are real, and answer
+    # between the steps. The agent's heartbeats (every 2 s here) keep arriving over the socket.
+    page.clock.install()
+    open_logged_in(page, "/")
+    expect(page.locator(f"#workers tbody tr[data-worker={WORKER_ID}]")).to_be_visible()
+    expect(page.locator("#conn")).to_have_text("live")
+    page.wait_for_timeout(500)
+    asked = requests_of(page)
+    minutes = 10
+
+    for _ in range(minutes * 6):
+        page.clock.run_for(10_000)
+        page.wait_for_timeout(50)
+
+    assert asked, "the page never refreshed"  # it does, as a safety net
+    assert len(asked) <= 2 * minutes, f"{len(asked)} requests in {minutes} minutes: {asked}"
+    assert {path.split("?")[0] for path in asked} <= {"GET api/workers/list", "GET api/jobs/list", "GET api/health"}
+    expect(page.locator("#conn")).to_have_text("live")
+
+
+def test_ten_tabs_of_one_person_under_a_low_rate_limit_never_get_a_429(browser, tmp_path):
+    """Ten farm tabs of one admin against DISPATCH_RATE_LIMIT=60 (the old page spent 48 a minute in
+    each tab) while jobs run: none is refused, and once open they ask nothing more."""
+    env = dict(server_environment(DISPATCH_HEARTBEAT_INTERVAL="2"), DISPATCH_RATE_LIMIT="60")
+    server = ServerProcess(tmp_path / "data", env).start()
+    agent = Agent(tmp_path / "desktop", server.url, "tab-desktop")
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=server.url)
+    context.set_default_timeout(TIMEOUT_MS)
+    refused: list[str] = []
+    context.on("response", lambda response: refused.append(response.url) if response.status == 429 else None)
+    try:
+        api = Api(server.url).login()
+        api.wait_for_worker("tab-desktop", agent)
+        assert api.call("POST", "/api/users", {"email": "script@example.com", "password": "script-password"})[0] == 201
+        script = Api(server.url).login("script@example.com", "script-password")  # the activity, on its own budget
+        tabs = [context.new_page() for _ in range(10)]
+        open_logged_in(tabs[0])
+        for tab in tabs[1:]:
+            tab.goto("/")  # the cookie logs it in
+        for tab in tabs:
+            expect(tab.locator("#conn")).to_have_text("live")
+            expect(tab.locator("#workers tbody tr[data-worker=tab-desktop]")).to_be_visible()
+        tabs[-1].wait_for_timeout(500)  # the first loads have answered
+        page_asked = [requests_of(tab) for tab in tabs]
+
+        jobs = []
+        for n in range(10):
+            jobs.append(script.submit(f"sleep 0.5; echo job {n}"))
+            time.sleep(2)
+        for tab in tabs:
+            expect(tab.locator(f"#jobs tbody tr[data-href='#/jobs/{jobs[-1]}'] .badge")).to_have_text("completed")
+
+        assert refused == []
+        assert [len(asked) for asked in page_asked] == [0] * 10, page_asked
+    finally:
+        context.close()
+        agent.stop()
+        server.stop()
+
+
+def test_an_admin_rotates_the_registration_token_and_deletes_a_desktop_on_the_page(browser, tmp_path):
+    env = server_environment(DISPATCH_HEARTBEAT_INTERVAL="2")
+    del env["DISPATCH_REGISTRATION_TOKEN"]  # generated into the data dir, so that it may be rotated
+    server = ServerProcess(tmp_path / "data", env).start()
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=server.url)
+    context.set_default_timeout(TIMEOUT_MS)
+    problems: list[str] = []
+    questions: list[str] = []
+    try:
+        api = Api(server.url).login()
+        old_token = (server.data_dir / "registration_token").read_text().strip()
+        page = context.new_page()
+        page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+        page.on("dialog", lambda dialog: (questions.append(dialog.message), dialog.accept()))
+        open_logged_in(page)
+
+        page.click("#rotate-token")
+        expect(page.locator("#new-token")).to_be_visible()
+        new_token = page.locator("#new-token-value").input_value()
+        assert new_token and new_token != old_token
+        assert "stops working" in questions[-1]
+        desktop = Api(server.url)
+        desktop.token = old_token
+        body = {"workerId": "new-desktop", "hostname": "new"}
+        assert desktop.call("POST", "/api/workers/register", body)[0] == 401
+        desktop.token = new_token
+        assert desktop.call("POST", "/api/workers/register", body)[0] == 201
+        row = page.locator("#workers tbody tr[data-worker=new-desktop]")
+        expect(row.locator(".badge").first).to_have_text("online")  # announced as it registered
+
+        page.click("#copy-token")
+        expect(page.locator("#copy-token")).to_have_text("Copied")
+        page.click("#hide-token")
+        expect(page.locator("#new-token")).to_be_hidden()
+        assert page.locator("#new-token-value").input_value() == ""  # shown once
+
+        row.get_by_role("button", name="Delete").click()
+        expect(row).to_have_count(0)
+        assert "new-desktop" in questions[-1]
+        assert api.call("GET", "/api/workers/new-desktop")[0] == 404
+    finally:
+        context.close()
         server.stop()
     assert not problems, problems

@@ -5,6 +5,8 @@ are checked against the same world. Every row gets a fresh world."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import time
 
 import aiohttp
@@ -32,6 +34,15 @@ class World:
         self.worker = await api.register("worker-a")
         self.other_worker = await api.register("worker-b")
         self.job = await api.claim(self.worker)
+        # The worker holds a second job of the owner's, given as an input tree of one blob, and has
+        # sent artifacts for the first.
+        self.blob = BLOB_SHA
+        await api.call("PUT", f"/api/blobs/{BLOB_SHA}", token=self.owner, data=io.BytesIO(BLOB))
+        self.tree = [{"path": "a.txt", "sha256": BLOB_SHA, "size": len(BLOB), "mode": 0o644}]
+        self.tree_job_id = await api.submit(self.owner, inputTree=self.tree)
+        await api.claim(self.worker)
+        sent = await api.call("POST", "/api/jobs/artifacts", worker=self.worker, data=artifacts_form(self))
+        assert sent.status == 201, await sent.text()
         created = await api.call("POST", "/api/auth/tokens", token=self.owner, json={"name": "matrix"})
         self.api_token = await created.json()  # the owner's personal API token
         secret = (config.data_path / "jwt_secret").read_text()
@@ -55,6 +66,26 @@ class World:
         if caller == "other-worker":
             return {"x-worker-token": self.other_worker}
         return {}
+
+
+BLOB = b"the owner's file\n"
+BLOB_SHA = hashlib.sha256(BLOB).hexdigest()
+
+
+def artifacts_form(world: World) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("jobId", world.job_id)
+    form.add_field("attempt", str(world.job["attempt"]))
+    form.add_field("file", io.BytesIO(make_zip({"dist/a.txt": "a"})), filename="artifacts.zip")
+    return form
+
+
+def blob_batch(world: World) -> io.BytesIO:
+    return io.BytesIO(f"{BLOB_SHA} {len(BLOB)}\n".encode() + BLOB + f"{hashlib.sha256(b'').hexdigest()} 0\n".encode())
+
+
+# Bodies that are not JSON, by name.
+RAW_BODIES = {"artifacts": artifacts_form, "blob": lambda world: io.BytesIO(BLOB), "blob-batch": blob_batch}
 
 
 def held(world: World, **extra) -> dict:
@@ -87,6 +118,10 @@ MATRIX = [
      {**REFUSED, "owner": 403, "other-worker": 403, "admin": 200}),
     ("approve-worker", "POST", "/api/workers/approve", lambda w: {"workerId": "worker-b"},
      {**REFUSED, "owner": 403, "owner-api": 403, "worker": 403, "registration": 401, "admin": 200}),
+    ("pause-worker", "POST", "/api/workers/pause", lambda w: {"workerId": "worker-b"},
+     {**REFUSED, "owner": 403, "owner-api": 403, "worker": 403, "registration": 401, "admin": 200}),
+    ("resume-worker", "POST", "/api/workers/resume", lambda w: {"workerId": "worker-b"},
+     {**REFUSED, "owner": 403, "owner-api": 403, "worker": 403, "registration": 401, "admin": 200}),
     ("rotate-registration-token", "POST", "/api/workers/registration-token", None,  # pinned here: 409
      {**REFUSED, "owner": 403, "owner-api": 403, "worker": 403, "registration": 401, "admin": 409}),
     ("submit", "POST", "/api/jobs/submit", lambda w: {"command": "make"},
@@ -110,6 +145,20 @@ MATRIX = [
     ("upload-url", "GET", "{url}", None,
      {**REFUSED, "other": 403, "other-worker": 403, "worker": 200, "owner": 200, "admin": 200}),
     ("delete-user", "DELETE", "/api/users/{owner_id}", None, {**REFUSED, "other": 403, "worker": 403, "admin": 200}),
+    ("follow", "GET", "/api/jobs/follow?jobId={job}", None,
+     {**REFUSED, "worker": 403, "other": 200, "owner-api": 200, "owner": 200}),
+    ("send-artifacts", "POST", "/api/jobs/artifacts", "artifacts",
+     {**REFUSED, "owner": 403, "owner-api": 403, "admin": 403, "other-worker": 409, "worker": 201}),
+    ("download-artifacts", "GET", "/api/jobs/artifacts?jobId={job}", None,
+     {**REFUSED, "other": 403, "worker": 403, "other-worker": 403, "owner-api": 200, "owner": 200, "admin": 200}),
+    ("blobs-missing", "POST", "/api/blobs/missing", lambda w: {"sha256": [w.blob]},
+     {**REFUSED, "worker": 403, "other": 200, "owner-api": 200, "owner": 200}),
+    ("put-blob", "PUT", f"/api/blobs/{BLOB_SHA}", "blob", {**REFUSED, "worker": 403, "other": 201, "owner-api": 201}),
+    ("blob-batch", "POST", "/api/blobs/batch", "blob-batch", {**REFUSED, "worker": 403, "other": 201, "owner": 201}),
+    ("fetch-blobs", "POST", "/api/blobs/fetch", lambda w: {"jobId": w.tree_job_id, "sha256": [w.blob]},
+     {**REFUSED, "owner": 403, "owner-api": 403, "admin": 403, "other-worker": 409, "worker": 200}),
+    ("submit-with-anothers-blob", "POST", "/api/jobs/submit", lambda w: {"command": "make", "inputTree": w.tree},
+     {"other": 400, "owner-api": 201, "admin": 201}),
 ]
 
 
@@ -127,6 +176,8 @@ async def test_permission_matrix(api, config, name, method, path, body, expected
             form = aiohttp.FormData()
             form.add_field("file", b"data", filename="f.zip")
             kwargs["data"] = form
+        elif body in RAW_BODIES:
+            kwargs["data"] = RAW_BODIES[body](world)
         elif body is not None:
             kwargs["json"] = body(world)
         response = await api.client.request(method, path, headers=world.headers(caller), **kwargs)

@@ -1,4 +1,5 @@
-"""Workers: registration, heartbeats, listing, details, going offline, unregistering."""
+"""Workers: registration, heartbeats, listing, details, going offline (or saying so), unregistering,
+jobs done as the server counts them, and forgetting workers past retention."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import dispatch
 from conftest import ISO_MS, REGISTRATION_TOKEN, Api
 
 WORKER_BODY = {"workerId": "worker-001", "hostname": "desktop-pc", "cpuCount": 8, "totalMemoryMb": 16384,
@@ -173,7 +175,7 @@ async def test_heartbeat_answers_server_time_and_next_check_in_in_ms(api, config
     assert ISO_MS.match(body["serverTime"])
     assert abs(parse_iso(body["serverTime"]) - before) < dt.timedelta(seconds=5)
     details = await (await api.call("GET", "/api/workers/worker-001", token=await api.admin())).json()
-    assert details["worker"]["jobsCompleted"] == 42
+    assert details["worker"]["jobsCompleted"] == 0  # the server counts jobs done, not the agent
     assert details["worker"]["lastHeartbeat"] == body["serverTime"]
 
 
@@ -425,3 +427,82 @@ async def test_delete_by_a_user_or_a_worker_is_refused(api):
 
     assert (as_user.status, as_worker.status, anonymous.status) == (403, 403, 401)
     assert (await heartbeat(api, worker)).status == 200
+
+
+# -- jobs done, counted by the server -----------------------------------------------
+
+
+async def jobs_done(api: Api, worker_id: str = "worker-001") -> int:
+    body = await (await api.call("GET", f"/api/workers/{worker_id}", token=await api.admin())).json()
+    return body["worker"]["jobsCompleted"]
+
+
+async def test_jobs_done_are_counted_as_jobs_complete_and_survive_agent_restarts_and_retention(client, api, clock):
+    admin = await api.admin()
+    worker = await api.register()
+    for exit_code in (0, 3, 0):
+        job_id = await api.submit(admin)
+        await api.claim(worker)
+        await api.call("POST", "/api/jobs/submit-result", worker=worker, json={"jobId": job_id, "exitCode": exit_code})
+    assert await jobs_done(api) == 2  # the failed job is not one done
+    await heartbeat(api, worker, jobsCompleted=0)  # what an agent that restarted says
+    assert await jobs_done(api) == 2
+
+    clock.advance(31 * 86400)  # past DISPATCH_JOB_RETENTION_DAYS
+    await heartbeat(api, worker)
+    await dispatch._sweep_storage(client.app)
+
+    assert (await (await api.call("GET", "/api/jobs/list", token=admin)).json())["total"] == 0
+    assert await jobs_done(api) == 2
+
+
+# -- a stopping agent's last word -------------------------------------------------
+
+
+@pytest.mark.parametrize("last_word", ["offline", "stopping"])
+async def test_a_stopping_agents_last_heartbeat_shows_it_offline_at_once(client, api, last_word):
+    admin = await api.admin()
+    worker = await api.register()
+    job_id = await api.submit(admin)
+    await api.claim(worker)
+
+    assert (await heartbeat(api, worker, status=last_word, runningJobs=[job_id])).status == 200
+
+    details = await (await api.call("GET", "/api/workers/worker-001", token=admin)).json()
+    assert (details["worker"]["status"], details["worker"]["activity"]) == ("offline", "offline")
+    assert await worker_ids(api, admin, status="offline") == ["worker-001"]
+    assert (await (await api.call("GET", "/api/health")).json())["onlineWorkers"] == 0
+    await client.app[dispatch.JOBS].sweep()
+    job = await api.status(admin, job_id)
+    assert (job["status"], job["error"]) == ("queued", "worker worker-001 lost; requeued")  # it moves on now
+    await heartbeat(api, worker)  # the agent started again
+    assert await worker_ids(api, admin, status="online") == ["worker-001"]
+
+
+async def test_an_unknown_heartbeat_status_is_400(api):
+    worker = await api.register()
+
+    response = await heartbeat(api, worker, status="asleep")
+
+    assert response.status == 400
+    assert (await response.json())["details"] == {"field": "status"}
+
+
+# -- retention ------------------------------------------------------------------
+
+
+async def test_offline_workers_are_forgotten_past_the_retention_days(make_client, clock):
+    api = Api(client := await make_client(worker_retention_days=2))
+    admin = await api.admin()
+    await api.register("gone-desktop")
+    kept = await api.register("kept-desktop")
+    clock.advance(86400)
+    await heartbeat(api, kept)
+    await dispatch._sweep_storage(client.app)
+    assert await worker_ids(api, admin, sort="workerId") == ["gone-desktop", "kept-desktop"]  # offline, still kept
+
+    clock.advance(86400 + 60)
+    await dispatch._sweep_storage(client.app)
+
+    assert await worker_ids(api, admin) == ["kept-desktop"]
+    assert dispatch.Config().worker_retention_days == 7

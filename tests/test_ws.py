@@ -43,6 +43,11 @@ async def events_until(ws, done, timeout: float = 5.0) -> list[dict]:
     return events
 
 
+def job_events(events: list[dict]) -> list[dict]:
+    """The job events of a stream that also tells what the workers look like."""
+    return [e for e in events if e["type"].startswith("job.")]
+
+
 async def no_event_within(ws, seconds: float) -> bool:
     try:
         message = await asyncio.wait_for(ws.receive(), seconds)
@@ -80,7 +85,7 @@ async def test_a_job_run_through_the_api_is_announced_in_order(api):
     job_id = await api.submit(admin, "npm test")
     assert (await api.claim(worker))["jobId"] == job_id
     await run_job(api, admin, worker, job_id, ["test line 1\n", "test line 2\n"])
-    events = await events_until(ws, lambda e: e["type"] == "job.completed")
+    events = job_events(await events_until(ws, lambda e: e["type"] == "job.completed"))
 
     assert [e["type"] for e in events] == ["job.queued", "job.started", "job.output", "job.output", "job.completed"]
     assert {e["jobId"] for e in events} == {job_id}
@@ -97,7 +102,7 @@ async def test_a_failed_job_is_announced_with_its_exit_code(api):
     job_id = await api.submit(admin, "false")
     await api.claim(worker)
     await run_job(api, admin, worker, job_id, [], exit_code=3)
-    events = await events_until(ws, lambda e: e["type"] == "job.completed")
+    events = job_events(await events_until(ws, lambda e: e["type"] == "job.completed"))
 
     assert [e["type"] for e in events] == ["job.queued", "job.started", "job.completed"]
     assert (events[-1]["jobId"], events[-1]["exitCode"]) == (job_id, 3)
@@ -134,11 +139,11 @@ async def test_job_id_narrows_the_stream_to_one_job(api):
     late = await api.submit(admin, "late")  # after the watched job finished
 
     narrow_events = await events_until(narrow, lambda e: e["type"] == "job.completed")
-    all_events = await events_until(everything, lambda e: e["jobId"] == late)
+    all_events = await events_until(everything, lambda e: e.get("jobId") == late)
 
-    assert {e["jobId"] for e in narrow_events} == {watched}
+    assert {e["jobId"] for e in narrow_events} == {watched}  # and no worker events
     assert [e["type"] for e in narrow_events] == ["job.started", "job.output", "job.completed"]
-    assert {e["jobId"] for e in all_events} == {watched, other, late}
+    assert {e["jobId"] for e in all_events if e["type"].startswith("job.")} == {watched, other, late}
     assert await no_event_within(narrow, 0.2)
     await narrow.close()
     await everything.close()
@@ -358,3 +363,89 @@ async def test_revoking_an_api_token_closes_its_websockets(api):
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await connect(api, created["token"])
     assert refused.value.status == 401
+
+
+# -- what the workers look like -----------------------------------------------------
+
+
+async def heartbeat(api: Api, worker: str, **body) -> str:
+    response = await api.call("POST", "/api/workers/heartbeat", worker=worker, json={"status": "idle", **body})
+    assert response.status == 200, await response.text()
+    return (await response.json())["serverTime"]
+
+
+async def test_a_worker_is_announced_as_it_registers_runs_a_job_and_is_deleted(api):
+    admin = await api.admin()
+    ws = await connect(api, admin)
+    worker = await api.register()
+    registered = await next_event(ws)
+    assert (registered["type"], registered["workerId"], registered["status"], registered["state"],
+            registered["currentJobId"], registered["jobsCompleted"]) == (
+        "worker.registered", "worker-001", "online", "available", None, 0)
+
+    job_id = await api.submit(admin, "make")
+    await api.claim(worker)
+    await run_job(api, admin, worker, job_id, [])
+    events = await events_until(ws, lambda e: e["type"] == "worker.changed" and e["currentJobId"] is None)
+
+    assert [e["type"] for e in events] == ["job.queued", "job.started", "worker.changed", "job.completed",
+                                           "worker.changed"]
+    assert (events[2]["currentJobId"], events[2]["jobsCompleted"]) == (job_id, 0)
+    assert events[4]["jobsCompleted"] == 1  # counted by the server as the job completed
+    assert (await api.call("DELETE", "/api/workers/worker-001", token=admin)).status == 200
+    assert await next_event(ws) == {"type": "worker.deleted", "workerId": "worker-001"}
+    await ws.close()
+
+
+async def test_approving_a_worker_is_announced(make_client):
+    api = Api(await make_client(approve_workers=True))
+    admin = await api.admin()
+    await api.register()
+    ws = await connect(api, admin)
+
+    await api.call("POST", "/api/workers/approve", token=admin, json={"workerId": "worker-001"})
+
+    event = await next_event(ws)
+    assert (event["type"], event["workerId"], event["state"]) == ("worker.changed", "worker-001", "available")
+    await ws.close()
+
+
+async def test_a_heartbeat_is_announced_only_when_it_changes_what_a_page_shows(api):
+    admin = await api.admin()
+    worker = await api.register()
+    ws = await connect(api, admin)
+
+    await heartbeat(api, worker)
+    assert await no_event_within(ws, 0.3)
+    await heartbeat(api, worker, status="error")
+    assert [(e["type"], e["status"]) for e in [await next_event(ws)]] == [("worker.changed", "error")]
+    await heartbeat(api, worker, status="offline")  # an agent's last word
+    assert [(e["type"], e["status"]) for e in [await next_event(ws)]] == [("worker.changed", "offline")]
+    await ws.close()
+
+
+async def test_heartbeats_come_in_one_summary_an_interval_and_missing_them_is_announced(api, clock):
+    admin = await api.admin()
+    worker = await api.register()
+    ws = await connect(api, admin)
+    heard = await heartbeat(api, worker)
+
+    clock.advance(31)  # a heartbeat interval later, the sweeper (every second) sums up what it heard
+    assert await next_event(ws, timeout=3) == {"type": "worker.heartbeats", "lastHeartbeat": {"worker-001": heard}}
+    clock.advance(60)  # three intervals since the last heartbeat
+    event = await next_event(ws, timeout=3)
+    assert (event["type"], event["workerId"], event["status"]) == ("worker.changed", "worker-001", "offline")
+    assert await no_event_within(ws, 1.5)  # announced once, and no heartbeat to sum up
+    await ws.close()
+
+
+async def test_a_stream_narrowed_to_a_job_tells_nothing_of_workers(api):
+    admin = await api.admin()
+    job_id = await api.submit(admin)
+    ws = await connect(api, admin, f"{STREAM}?jobId={job_id}")
+
+    worker = await api.register()
+    await heartbeat(api, worker, status="error")
+
+    assert await no_event_within(ws, 0.3)
+    await ws.close()
