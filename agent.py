@@ -13,17 +13,18 @@ exit code. A result waits on disk until the server takes it. Every heartbeat is 
 lists the jobs this run holds, so the server requeues one whose claim never reached the agent.
 First Ctrl-C or SIGTERM: take no new jobs, let running ones finish. Second: kill them and
 report them as failed. With --run-as USER (Unix, the agent started as root) every job runs as
-that user, and the agent's own files stay root's.
+that user, and the agent's own files stay root's. On someone's desktop (--only-when-idle, --hours,
+--max-load, --not-on-battery) it takes jobs only while the owner lets it, and a running job steps
+aside when they return: suspended, evicted or left to finish (--on-owner-return).
 
 Sections (`grep -n '^# ===' agent.py`): constants, errors, config, HTTP, platform (ctypes),
-inputs, process trees, run_job, server link, spool, Agent, main.
+inputs, process trees, guest (the owner first), run_job, server link, spool, Agent, main.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
-import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -117,7 +118,6 @@ DOWNLOAD_ATTEMPTS = 4
 FETCH_BATCH_BLOBS = 2000  # blobs of an input tree asked for in one POST /api/blobs/fetch
 FETCH_BATCH_BYTES = 256 * 1024**2  # ... and at most about this many bytes of them
 TRANSFER_CHUNK_BYTES = 1024 * 1024  # one read or write of a streamed body
-PLACE_THREADS = 8  # threads copying an input tree's files out of the cache
 ARTIFACT_ATTEMPTS = 6  # sends of a job's artifacts before its result goes without them
 # Already compressed: stored in the artifacts zip as they are, not deflated again.
 STORED_SUFFIXES = frozenset(".zip .gz .tgz .bz2 .xz .zst .7z .rar .jar .whl .png .jpg .jpeg .gif .webp .mp4 .mkv "
@@ -1579,11 +1579,11 @@ def place_tree(tree: list, job_dir: Path, cache: _DownloadCache, open_blobs: Cal
     entries = _tree_entries(tree)
     root = os.path.abspath(job_dir)
     copies, folders = [], set()
-    for parts, sha256, _, executable in entries:
+    for parts, sha256, size, executable in entries:
         target = os.path.join(root, *parts)
         if not os.path.abspath(target).startswith(root + os.sep):  # Windows renames ("a. " -> "a") included
             raise UnsafeArchive(f"input tree entry {'/'.join(parts)!r} lands outside the job directory")
-        copies.append((os.fspath(cache.path(sha256)), target, executable))
+        copies.append((os.fspath(cache.path(sha256)), target, size, executable))
         folders.add(os.path.dirname(target))
     sizes = {sha256: size for _, sha256, size, _ in entries}
     fetched = 0
@@ -1593,18 +1593,16 @@ def place_tree(tree: list, job_dir: Path, cache: _DownloadCache, open_blobs: Cal
             fetched += _fetch_batch(batch, cache, open_blobs, halt)
         for folder in sorted(folders):
             os.makedirs(folder, exist_ok=True)
-        # Many small files: creating them is most of the time, and threads overlap the system calls.
-        with concurrent.futures.ThreadPoolExecutor(PLACE_THREADS) as pool:
-            for done in pool.map(_copy_out, copies, chunksize=64):
-                if done is not None:
-                    raise UnsafeArchive(f"input tree entry {os.path.relpath(done, root)!r} is there twice")
+        for copy in copies:  # (threads were measured: no faster, the file system is the limit)
+            if _copy_out(copy) is not None:
+                raise UnsafeArchive(f"input tree entry {os.path.relpath(copy[1], root)!r} is there twice")
     return fetched
 
 
 def _copy_out(copy: tuple) -> Optional[str]:
     """Copy a cached blob to its place in a job directory (never over a file already there, never
     through a link: the target is created); returns the target if one was there."""
-    source, target, executable = copy
+    source, target, size, executable = copy
     try:
         out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                       0o777 if executable else 0o666)  # the umask applies, as to any new file
@@ -1613,19 +1611,21 @@ def _copy_out(copy: tuple) -> Optional[str]:
     try:
         src = os.open(source, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
-            while True:
-                data = os.read(src, TRANSFER_CHUNK_BYTES)
+            left = size  # the blob was checked when it entered the cache: it has this size
+            while left > 0:
+                data = os.read(src, min(left, TRANSFER_CHUNK_BYTES))
                 if not data:
                     break
+                left -= len(data)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(out, view):]
+            if time.time() - os.fstat(src).st_mtime > 60:
+                os.utime(source)  # recently used: evicted last (to the minute: one system call less per file)
         finally:
             os.close(src)
     finally:
         os.close(out)
-    with contextlib.suppress(OSError):
-        os.utime(source)  # recently used: evicted last
     return None
 
 
@@ -1983,8 +1983,9 @@ class _Guest:
                  "not on battery" if cfg.not_on_battery else ""]
         if not any(parts):
             return None
-        evict = f", evicted after {cfg.evict_after:g} min" if cfg.on_owner_return == "suspend" else ""
-        return f"{', '.join(p for p in parts if p)}; when the owner returns, jobs {cfg.on_owner_return}{evict}"
+        action = {"suspend": f"is suspended (and evicted after {cfg.evict_after:g} min)", "evict": "is evicted",
+                  "finish": "finishes"}[cfg.on_owner_return]
+        return f"{', '.join(p for p in parts if p)}; when the owner returns, a running job {action}"
 
     def idle_probe(self) -> Optional[str]:
         """The name of the idle probe that works here (None without --only-when-idle); AgentError,
@@ -3176,7 +3177,7 @@ def run_client(argv: list, environ: Optional[dict] = None, stdout=None, stderr=N
         if not equals or not ENV_NAME.fullmatch(name):
             parser.error(f"--env {item!r} must be NAME=VALUE, NAME made of letters, digits and _")
         env[name] = value
-    client = _Client(args.server.rstrip("/"), args.api_token, stderr)
+    client = _Client(args.server.rstrip("/"), args.api_token, stderr, environ)
     try:
         return client.run(args, _shell_command(words), env, stdout)
     except KeyboardInterrupt:
@@ -3189,8 +3190,8 @@ def run_client(argv: list, environ: Optional[dict] = None, stdout=None, stderr=N
 class _Client:
     """One `agent.py run`: its server, its token, what it tells the person on stderr."""
 
-    def __init__(self, server: str, token: str, stderr):
-        self.server, self._token, self._stderr = server, token, stderr
+    def __init__(self, server: str, token: str, stderr, environ):
+        self.server, self._token, self._stderr, self._environ = server, token, stderr, environ
         self.job_id: Optional[str] = None
         self._progress = _Progress(stderr)
 
@@ -3222,7 +3223,7 @@ class _Client:
         files, notes = collect_files(folder)
         for note in notes:
             self.say(note)
-        tree = self.send_files(files)
+        tree = self.send_files(files, _HashCache(folder, self._environ))
         job = {"command": command}
         if tree:
             job["inputTree"] = tree
@@ -3243,13 +3244,15 @@ class _Client:
 
     # -- files ------------------------------------------------------------------
 
-    def send_files(self, files: list) -> list:
-        """Hash the files, send the contents the server lacks; the input tree."""
+    def send_files(self, files: list, hashes: "_HashCache") -> list:
+        """Hash the files (those unchanged since the last run are known), send the contents the
+        server lacks; the input tree."""
         tree, paths = [], {}
-        for rel, path, _size, mode in files:
-            sha256, size = _hash_file(path)
-            tree.append({"path": rel, "sha256": sha256, "size": size, "mode": stat.S_IMODE(mode)})
+        for rel, path, st in files:
+            sha256, size = hashes.hash(rel, path, st)
+            tree.append({"path": rel, "sha256": sha256, "size": size, "mode": stat.S_IMODE(st.st_mode)})
             paths.setdefault(sha256, (path, size))
+        hashes.save()
         hashes = list(paths)
         missing = []
         for start in range(0, len(hashes), MISSING_QUERY_HASHES):
@@ -3539,6 +3542,49 @@ class _Progress:
             self._visible = False
 
 
+class _HashCache:
+    """The SHA-256 of the files of one folder, kept between runs (in the user's cache folder) by
+    path, size, modification time and inode, as git's index keeps them: a file that looks the same
+    is not read again. As in git, a file changed in the same second the cache was written may look
+    the same, so such a file is always hashed."""
+
+    RACY_NS = 2 * 10**9
+
+    def __init__(self, folder: Path, environ: dict):
+        base = environ.get("XDG_CACHE_HOME") or environ.get("LOCALAPPDATA") or os.path.join(
+            os.path.expanduser("~"), ".cache")
+        name = hashlib.sha256(os.fsencode(str(folder))).hexdigest()[:24]
+        self.path = Path(base) / "dispatch" / f"hashes-{name}.json"
+        self._seen = {}
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            self._written, self._known = int(saved["written"]), dict(saved["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self._written, self._known = 0, {}
+
+    def hash(self, rel: str, path, st=None) -> tuple:
+        """(sha256, size) of the file at `path` (whose os.stat_result `st` is, if given): remembered
+        when it looks unchanged, else read."""
+        st = st or os.stat(path)
+        look = [st.st_size, st.st_mtime_ns, st.st_ino]
+        known = self._known.get(rel)
+        if (isinstance(known, list) and known[:3] == look and st.st_mtime_ns < self._written - self.RACY_NS
+                and isinstance(known[3], str)):
+            sha256 = known[3]
+        else:
+            sha256, size = _hash_file(path)
+            if size != st.st_size:  # it changed while being read: not remembered
+                return sha256, size
+        self._seen[rel] = look + [sha256]
+        return sha256, st.st_size
+
+    def save(self) -> None:
+        """Keep what this run saw (only that: files gone since are forgotten); never fatal."""
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _write_private(self.path, json.dumps({"written": time.time_ns(), "files": self._seen}), sync=False)
+
+
 def _hash_file(path: Path) -> tuple:
     """(sha256, size) of a file's content as it is now."""
     digest, size = hashlib.sha256(), 0
@@ -3553,42 +3599,41 @@ def _hash_file(path: Path) -> tuple:
 
 def collect_files(folder: Path) -> tuple:
     """The files `agent.py run` sends from `folder`: (entries, notes), each entry (path relative to
-    the folder with '/', absolute path, size, mode). Inside a git work tree the files git lists
-    (tracked, and untracked ones not ignored: `git ls-files -co --exclude-standard`), otherwise
-    everything; never anything in a .git folder; never what .dispatchignore's patterns name. A
-    symbolic link is sent as the file it points to when that is inside the folder, else skipped."""
-    folder = Path(folder).resolve()
-    listed = _git_files(folder)
+    the folder with '/', the file's path, its os.stat_result). Inside a git work tree the files git
+    lists (tracked, and untracked ones not ignored: `git ls-files -co --exclude-standard`),
+    otherwise everything; never anything in a .git folder; never what .dispatchignore's patterns
+    name. A symbolic link is sent as the file it points to when that is inside the folder, else
+    skipped."""
+    folder = os.path.realpath(folder)
+    listed = _git_files(Path(folder))
     if listed is None:
-        listed = _all_files(folder)
-    ignore = _ignore_rules(folder / ".dispatchignore")
+        listed = _all_files(Path(folder))
+    ignore = _ignore_rules(Path(folder) / ".dispatchignore")
     entries, notes = [], []
     for rel in sorted(set(listed)):
         parts = rel.split("/")
-        if ".git" in parts or _ignored(parts, ignore):
+        if ".git" in parts or (ignore and _ignored(parts, ignore)):
             continue
-        path = folder.joinpath(*parts)
+        path = os.path.join(folder, *parts)
         try:
             st = os.lstat(path)
         except OSError:  # tracked but deleted
             continue
         if stat.S_ISLNK(st.st_mode):
-            target = Path(os.path.realpath(path))
-            if target.is_file() and folder in target.parents and ".git" not in target.relative_to(folder).parts:
-                entries.append((rel, target, *_size_mode(target)))
+            target = os.path.realpath(path)
+            inside = os.path.relpath(target, folder).replace(os.sep, "/").split("/")
+            if os.path.isfile(target) and inside[0] != ".." and ".git" not in inside:
+                entries.append((rel, target, os.stat(target)))
             else:
                 notes.append(f"skipped {rel}: a symbolic link to {os.readlink(path)}, outside the folder")
         elif stat.S_ISDIR(st.st_mode):  # a git submodule: its files, as they are
-            entries += [(f"{rel}/{sub}", path / sub, *_size_mode(path / sub)) for sub in _all_files(path)
-                        if not _ignored(f"{rel}/{sub}".split("/"), ignore) and (path / sub).is_file()]
+            for sub in _all_files(Path(path)):
+                sub_st = os.lstat(os.path.join(path, sub))
+                if stat.S_ISREG(sub_st.st_mode) and not _ignored(f"{rel}/{sub}".split("/"), ignore):
+                    entries.append((f"{rel}/{sub}", os.path.join(path, sub), sub_st))
         elif stat.S_ISREG(st.st_mode):
-            entries.append((rel, path, st.st_size, st.st_mode))
+            entries.append((rel, path, st))
     return entries, notes
-
-
-def _size_mode(path: Path) -> tuple:
-    st = path.stat()
-    return st.st_size, st.st_mode
 
 
 def _git_files(folder: Path) -> Optional[list]:

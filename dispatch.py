@@ -125,6 +125,7 @@ MAX_TREE_PATH_BYTES = 4096
 MAX_MISSING_QUERY = 100_000  # hashes one POST /api/blobs/missing may ask about
 MAX_FETCH_BLOBS = 10_000  # blobs one POST /api/blobs/fetch may ask for
 MAX_ARTIFACT_PATTERNS = 100
+BLOB_TOUCH_SECONDS = 86400  # a blob's last use is noted again only once it is this old (TTLs are in days)
 ARTIFACTS_WHEN = ("on_success", "on_failure", "always")
 MAX_ENV_VARS = 100
 MAX_ENV_BYTES = 32 * 1024  # names and values of a job's env together
@@ -783,10 +784,13 @@ class Store:
     async def touch_usable_blobs(self, hashes: list[str], user_id: Optional[str]) -> set[str]:
         """Of ``hashes``, the stored blobs the user may use (``user_id`` None: an admin, any of them),
         marked as used now, so that no sweep takes them before the submit that follows."""
-        rows = await self._all(
-            f"UPDATE blobs AS b SET last_used_at = :now WHERE sha256 IN (SELECT value FROM json_each(:hashes))"
-            f" AND {self._MAY_USE_BLOB} RETURNING sha256",
-            {"now": self._clock.iso(), "hashes": json.dumps(hashes), "user": user_id})
+        params = {"now": self._clock.iso(), "stale": self._clock.iso(-BLOB_TOUCH_SECONDS),
+                  "hashes": json.dumps(hashes), "user": user_id}
+        rows = await self._all(f"SELECT sha256 FROM blobs b WHERE sha256 IN (SELECT value FROM json_each(:hashes))"
+                               f" AND {self._MAY_USE_BLOB}", params)
+        usable = json.dumps([row["sha256"] for row in rows])
+        await self._write("UPDATE blobs SET last_used_at = :now WHERE sha256 IN (SELECT value FROM json_each(:usable))"
+                          " AND last_used_at < :stale", {**params, "usable": usable})  # a day's precision is plenty
         return {row["sha256"] for row in rows}
 
     async def add_blobs(self, blobs: list[dict], owner_id: str) -> None:
@@ -815,15 +819,17 @@ class Store:
     async def keep_tree(self, tree_id: str, tree: str, files: int, size: int) -> None:
         """Store an input tree (JSON) under its id (a hash of it; kept once however many jobs use it)
         and mark it and its blobs used now."""
-        params = {"id": tree_id, "tree": tree, "files": files, "size": size, "now": self._clock.iso()}
-        await self._write(
+        params = {"id": tree_id, "tree": tree, "files": files, "size": size, "now": self._clock.iso(),
+                  "stale": self._clock.iso(-BLOB_TOUCH_SECONDS)}
+        kept = await self._one(
             "INSERT INTO input_trees (id, tree, files, size, created_at, last_used_at)"
             " VALUES (:id, :tree, :files, :size, :now, :now)"
-            " ON CONFLICT (id) DO UPDATE SET last_used_at = excluded.last_used_at", params)
-        await self._write("INSERT OR IGNORE INTO tree_blobs (tree_id, sha256)"
-                          " SELECT :id, json_extract(value, '$.sha256') FROM json_each(:tree)", params)
-        await self._write("UPDATE blobs SET last_used_at = :now"
-                          " WHERE sha256 IN (SELECT sha256 FROM tree_blobs WHERE tree_id = :id)", params)
+            " ON CONFLICT (id) DO UPDATE SET last_used_at = excluded.last_used_at RETURNING created_at", params)
+        if kept["created_at"] == params["now"]:  # a new tree (the same tree again needs no second list)
+            await self._write("INSERT OR IGNORE INTO tree_blobs (tree_id, sha256)"
+                              " SELECT :id, json_extract(value, '$.sha256') FROM json_each(:tree)", params)
+        await self._write("UPDATE blobs SET last_used_at = :now WHERE last_used_at < :stale"
+                          " AND sha256 IN (SELECT sha256 FROM tree_blobs WHERE tree_id = :id)", params)
 
     async def tree_by_id(self, tree_id: str) -> list[dict] | None:
         row = await self._one("SELECT tree FROM input_trees WHERE id = ?", (tree_id,))
@@ -1346,6 +1352,9 @@ def _validate_timeout(value: Any) -> int:
     return math.ceil(value)
 
 
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _relative_path_problem(path: str) -> Optional[str]:
     """Why ``path`` (a tree entry or an artifacts pattern) could reach outside the folder it is
     relative to, or could not be a file name anywhere; None if it cannot. The rules of the agent's
@@ -1360,7 +1369,7 @@ def _relative_path_problem(path: str) -> Optional[str]:
         return "contains a backslash"
     if ".." in path.split("/"):
         return "climbs out with '..'"
-    if any(ord(c) < 32 or c == "\x7f" for c in path):
+    if _CONTROL_CHARACTER.search(path):
         return "contains a control character"
     return None
 
@@ -2063,10 +2072,13 @@ class _Receiver:
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
-    def keep(self, target: Path) -> None:
+    def keep(self, target: Path | str) -> None:
         self.finish()
-        target.parent.mkdir(mode=0o700, exist_ok=True)
-        os.replace(self.path, target)
+        try:
+            os.replace(self.path, target)
+        except FileNotFoundError:  # its folder is not there yet
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            os.replace(self.path, target)
 
     def discard(self) -> None:
         self.finish()
@@ -2081,13 +2093,15 @@ class Blobs:
     def __init__(self, store: Store, root: Path, max_bytes: int):
         self._store = store
         self.root = root
+        self._root = os.fspath(root)  # paths are joined as text: 100,000 Path objects cost a second
         self.max_bytes = max_bytes
 
-    def path(self, sha256: str) -> Path:
-        return self.root / sha256[:2] / sha256
+    def path(self, sha256: str) -> str:
+        return os.path.join(self._root, sha256[:2], sha256)
 
     def receiver(self, too_large: Callable[[], DispatchError]) -> _Receiver:
         return _Receiver(self.root, self.max_bytes, too_large)
+
 
     def clean(self) -> None:
         for leftover in self.root.glob(".*.partial"):
@@ -2098,7 +2112,7 @@ class Blobs:
         theirs (an admin may use any stored blob). The others count as used now."""
         wanted = list(dict.fromkeys(hashes))
         usable = await self._store.touch_usable_blobs(wanted, None if principal.is_admin else principal.id)
-        return [h for h in wanted if h not in usable or not self.path(h).is_file()]
+        return [h for h in wanted if h not in usable or not os.path.isfile(self.path(h))]
 
     async def keep(self, principal: Principal, received: list[tuple[str, _Receiver]]) -> None:
         """Put received blobs in place, each checked against the hash it was sent as, and record the
@@ -2114,7 +2128,8 @@ class Blobs:
     def sweep(self, hashes: list[str]) -> None:
         """Remove the files of blobs whose records the sweep deleted."""
         for sha256 in hashes:
-            self.path(sha256).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(sha256))
 
 
 def _zip_entry_count(path: Path) -> Optional[int]:
@@ -2961,6 +2976,7 @@ async def _move_worker(request: web.Request, old: WorkerState, new: WorkerState,
     log.info("worker %s %s by %s", worker_id, done, principal.email)
     if new == WorkerState.AVAILABLE:
         request.app[BELL].wake_held()  # its parked get-job answers now, and the next one gets work
+        request.app[BELL].wake_worker(worker_id)  # a poll parked before a pause looks again
     await request.app[JOBS].announce_worker(worker_id)
     return _json({"success": True, "workerId": worker_id, "state": state})
 
@@ -3502,7 +3518,7 @@ async def blobs_fetch_view(request: web.Request) -> web.StreamResponse:
         raise Forbidden("A worker may fetch only blobs of the input tree of a job it holds")
     blobs = request.app[BLOBS]
     for sha256 in hashes:
-        if not blobs.path(sha256).is_file():
+        if not os.path.isfile(blobs.path(sha256)):
             raise NotFound(f"Blob {sha256} is missing on the server: submit the job again", code="BLOB_MISSING")
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = sum(sizes[sha256] for sha256 in hashes)

@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from _common import (ROOT, Agents, DispatchServer, RssSampler, Workspace, api_call, fmt_range, login,
+from _common import (ROOT, Agents, DispatchServer, RssSampler, Workspace, api_call, fmt_range, login, parse_iso,
                      peak_rss_mb, print_banner, reset_peak_rss, rss_mb, wait_for_workers)
 
 
@@ -72,6 +72,10 @@ def sent_line(stderr: str) -> str:
     return match.group(0) if match else "sent nothing"
 
 
+def agents_log(ws: Path) -> str:
+    return "".join(path.read_text(errors="replace") for path in (ws / "agents").glob("*.log"))
+
+
 def mode_tree(args, server: DispatchServer, token: str, ws: Path, run: int) -> dict:
     folder = ws / f"tree-{run}"
     folder.mkdir()
@@ -92,12 +96,18 @@ def mode_tree(args, server: DispatchServer, token: str, ws: Path, run: int) -> d
     second, second_wall, second_start, _ = run_client(server, token, folder, "--", command)
     second_bytes = uploaded_bytes(server.url) - before
     command_started = float(stamp.read_text()) - second_start
+    job_id = re.search(r"job (job-[0-9a-f]+) queued", second.stderr).group(1)
+    _, body = api_call(server.url, "GET", f"/api/jobs/status?jobId={job_id}", token=token)
+    placed = re.search(rf"^(\S+ \S+) INFO job {job_id}: \d+ input files in place", agents_log(ws), re.M)
+    placed_at = time.mktime(time.strptime(placed.group(1)[:19], "%Y-%m-%d %H:%M:%S")) + int(placed.group(1)[20:]) / 1000
+    steps = (f"submitted {parse_iso(body['job']['createdAt']) - second_start:.2f} s, claimed "
+             f"{parse_iso(body['job']['startedAt']) - second_start:.2f} s, files in place {placed_at - second_start:.2f} s")
 
     print(f"run {run + 1}: tree of {args.files} files, {args.mb} MB (made in {made:.1f} s{', git' if args.git else ''})\n"
           f"  first run:  {sent_line(first.stderr)}; server received {first_bytes / 2**20:.1f} MB; "
           f"client start to exit {first_wall:.2f} s\n"
           f"  second run: {sent_line(second.stderr)}; server received {second_bytes / 1024:.1f} KB; "
-          f"the command started {command_started:.2f} s after the client started; client start to exit "
+          f"the command started {command_started:.2f} s after the client started ({steps}); client start to exit "
           f"{second_wall:.2f} s", flush=True)
     return {"rate": rate, "second_kb": second_bytes / 1024, "start": command_started}
 

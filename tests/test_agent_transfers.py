@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -350,3 +351,27 @@ def test_the_client_says_what_is_wrong_with_its_arguments(argv, message, capsys)
 def test_one_word_is_a_shell_command_and_several_are_quoted():
     assert agent._shell_command(["make && make test"]) == "make && make test"
     assert agent._shell_command(["python", "-c", "print('a b')"]) == "python -c 'print('\"'\"'a b'\"'\"')'"
+
+
+def test_a_file_that_looks_unchanged_is_not_read_again(tmp_path, monkeypatch):
+    folder = tmp_path / "project"
+    write(folder, {"old.txt": "old", "changed.txt": "before"})
+    past = time.time() - 60
+    for name in ("old.txt", "changed.txt"):
+        os.utime(folder / name, (past, past))
+    environ = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    first = agent._HashCache(folder, environ)
+    assert first.hash("old.txt", folder / "old.txt") == (sha(b"old"), 3)
+    first.hash("changed.txt", folder / "changed.txt")
+    first.save()
+
+    (folder / "changed.txt").write_text("after!")
+    (folder / "new.txt").write_text("new")  # written just now: as racy as git says, so it is read
+    read = []
+    real = agent._hash_file
+    monkeypatch.setattr(agent, "_hash_file", lambda path: read.append(Path(path).name) or real(path))
+    second = agent._HashCache(folder, environ)
+    hashes = {name: second.hash(name, folder / name) for name in ("old.txt", "changed.txt", "new.txt")}
+
+    assert hashes == {"old.txt": (sha(b"old"), 3), "changed.txt": (sha(b"after!"), 6), "new.txt": (sha(b"new"), 3)}
+    assert read == ["changed.txt", "new.txt"]

@@ -12,8 +12,10 @@ README = (ROOT / "README.md").read_text()
 
 def test_readme_opens_with_the_two_commands():
     blocks = re.findall(r"```\n(.*?)\n```", README, re.S)
-    assert blocks[:2] == ["pip install -r requirements.txt && python dispatch.py",
-                          "pip install -r requirements-dev.txt && python -m pytest"]
+    run, test = blocks[:2]
+    assert run.startswith("python3 -m venv .venv && . .venv/bin/activate")  # a bare pip install is refused on Debian
+    assert run.splitlines()[-1] == "pip install -r requirements.txt && python dispatch.py"
+    assert test == "pip install -r requirements-dev.txt && python -m pytest"
 
 
 def test_readme_documents_every_setting_with_its_default():

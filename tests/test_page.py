@@ -692,3 +692,60 @@ def test_an_admin_rotates_the_registration_token_and_deletes_a_desktop_on_the_pa
         context.close()
         server.stop()
     assert not problems, problems
+
+
+# --- desktops as good guests -----------------------------------------------------------------------
+
+
+def as_worker(server_url: str, worker_token: str, method: str, path: str) -> dict:
+    request = urllib.request.Request(server_url + path, method=method, headers={"x-worker-token": worker_token})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def stream_suspended(server_url: str, worker_token: str, job: dict, suspended: bool) -> int:
+    request = urllib.request.Request(server_url + "/api/jobs/stream-output", method="POST", data=json.dumps({
+        "jobId": job["jobId"], "attempt": job["attempt"], "data": "", "suspended": suspended}).encode(),
+        headers={"x-worker-token": worker_token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status
+
+
+def test_an_admin_pauses_and_resumes_a_desktop_on_the_page(page, api):
+    open_logged_in(page, "/")
+    row = page.locator(f"#workers tbody tr[data-worker={WORKER_ID}]")
+    try:
+        row.get_by_role("button", name="Pause").click()
+        expect(row.locator(".s-paused")).to_have_text("paused")
+        expect(row).to_contain_text("paused by an admin")
+        job_id = api.submit("echo after the pause", tags=["linux"])
+        page.wait_for_timeout(1000)
+        assert api.status(job_id)["status"] == "queued"
+
+        row.get_by_role("button", name="Resume").click()
+        expect(row.locator(".s-paused")).to_have_count(0)
+        expect(row.get_by_role("button", name="Pause")).to_be_visible()
+        assert api.wait(job_id)["stdout"] == "after the pause\n"
+    finally:
+        api.call("POST", "/api/workers/resume", {"workerId": WORKER_ID})
+
+
+def test_a_suspended_job_shows_so_in_the_table_and_on_its_page_live(page, farm, api):
+    status, body = api.call("POST", "/api/workers/register", {"workerId": "guest-desktop", "hostname": "guest",
+                                                              "metadata": {"tags": ["guest"]}})
+    assert status == 201, body
+    token = body["token"]
+    job_id = api.submit("make", tags=["guest"])
+    job = as_worker(farm[0].url, token, "GET", "/api/jobs/get-job")["job"]
+    open_logged_in(page, "/")
+    row = page.locator(f"#jobs tbody tr[data-href='#/jobs/{job_id}']")
+    expect(row.locator(".badge")).to_have_text("running")
+
+    assert stream_suspended(farm[0].url, token, job, True) == 200
+    expect(row.locator(".badge")).to_have_text("suspended")
+    page.goto(f"/#/jobs/{job_id}")
+    expect(page.locator("#job-status")).to_have_text("suspended")
+    assert stream_suspended(farm[0].url, token, job, False) == 200
+    expect(page.locator("#job-status")).to_have_text("running")
+    api.call("POST", "/api/jobs/cancel", {"jobId": job_id})
+    assert api.call("DELETE", "/api/workers/guest-desktop")[0] == 200

@@ -251,3 +251,18 @@ async def test_a_bad_eviction_reason_is_400(api):
     job = await claim(api, worker, "run-a", 1)
 
     assert await result(api, worker, job, evicted=["owner active"]) == 400
+
+
+async def test_a_poll_parked_before_the_pause_gets_the_job_at_once_on_resume(api):
+    token = await api.admin()
+    worker = await api.register()
+    parked = asyncio.ensure_future(api.claim(worker, wait=10))
+    await asyncio.sleep(0.2)
+    await move(api, "pause")
+    job_id = await api.submit(token)  # it rings the parked poll, whose claim is refused
+    await asyncio.sleep(0.2)
+    assert not parked.done()
+
+    await move(api, "resume")
+
+    assert (await asyncio.wait_for(parked, 2))["jobId"] == job_id

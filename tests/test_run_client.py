@@ -47,7 +47,7 @@ def repo(tmp_path) -> Path:
 
 def client(server, token: str, folder: Path, *args: str, **popen) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
-    env.update(DISPATCH_API_TOKEN=token, PYTHONUNBUFFERED="1")
+    env.update(DISPATCH_API_TOKEN=token, PYTHONUNBUFFERED="1", XDG_CACHE_HOME=str(folder.parent / "cache"))
     return subprocess.Popen([sys.executable, str(ROOT / "agent.py"), "run", "--server", server.url, *args],
                             cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
