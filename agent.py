@@ -3223,7 +3223,8 @@ class _Client:
         files, notes = collect_files(folder)
         for note in notes:
             self.say(note)
-        tree = self.send_files(files, _HashCache(folder, self._environ))
+        cache = _HashCache(folder, self._environ)
+        tree = self.send_files(files, cache)
         job = {"command": command}
         if tree:
             job["inputTree"] = tree
@@ -3231,7 +3232,14 @@ class _Client:
                     "priority": args.priority, "workingDirectory": args.working_directory, "env": env,
                     "tags": [t.strip() for t in (args.tags or "").split(",") if t.strip()]}
         job.update({name: value for name, value in optional.items() if value})
-        self.job_id = self._call("POST", "/api/jobs/submit", job)["jobId"]
+        try:
+            self.job_id = self._call("POST", "/api/jobs/submit", job)["jobId"]
+        except ClientError as err:
+            if "inputTree names blob" not in str(err):
+                raise
+            # A content the server had last time is gone (expired): ask about every one, send, again.
+            job["inputTree"] = self.send_files(files, cache, trust_cache=False)
+            self.job_id = self._call("POST", "/api/jobs/submit", job)["jobId"]
         if args.detach:
             stdout.write(self.job_id + "\n")
             stdout.flush()
@@ -3244,22 +3252,25 @@ class _Client:
 
     # -- files ------------------------------------------------------------------
 
-    def send_files(self, files: list, hashes: "_HashCache") -> list:
+    def send_files(self, files: list, cache: "_HashCache", *, trust_cache: bool = True) -> list:
         """Hash the files (those unchanged since the last run are known), send the contents the
-        server lacks; the input tree."""
+        server lacks (it is asked only about contents it did not have last time, unless not
+        `trust_cache`); the input tree."""
         tree, paths = [], {}
         for rel, path, st in files:
-            sha256, size = hashes.hash(rel, path, st)
+            sha256, size = cache.hash(rel, path, st)
             tree.append({"path": rel, "sha256": sha256, "size": size, "mode": stat.S_IMODE(st.st_mode)})
             paths.setdefault(sha256, (path, size))
-        hashes.save()
-        hashes = list(paths)
+        known = cache.sent(self.server) if trust_cache else set()
+        unknown = [sha256 for sha256 in paths if sha256 not in known]
         missing = []
-        for start in range(0, len(hashes), MISSING_QUERY_HASHES):
-            answer = self._call("POST", "/api/blobs/missing", {"sha256": hashes[start:start + MISSING_QUERY_HASHES]})
+        for start in range(0, len(unknown), MISSING_QUERY_HASHES):
+            answer = self._call("POST", "/api/blobs/missing", {"sha256": unknown[start:start + MISSING_QUERY_HASHES]})
             missing += answer["missing"]
         if missing:
             self._upload([(sha256, *paths[sha256]) for sha256 in missing])
+        cache.note_sent(self.server, paths)
+        cache.save()
         return tree
 
     def _upload(self, blobs: list) -> None:
@@ -3559,8 +3570,17 @@ class _HashCache:
         try:
             saved = json.loads(self.path.read_text(encoding="utf-8"))
             self._written, self._known = int(saved["written"]), dict(saved["files"])
+            self._sent = {server: set(hashes) for server, hashes in dict(saved.get("sent", {})).items()}
         except (OSError, ValueError, KeyError, TypeError):
-            self._written, self._known = 0, {}
+            self._written, self._known, self._sent = 0, {}, {}
+
+    def sent(self, server: str) -> set:
+        """The contents the server had from us at the end of the last run: no need to ask about them
+        (if one has expired since, the submit says so and everything is asked about again)."""
+        return self._sent.get(server, set())
+
+    def note_sent(self, server: str, hashes) -> None:
+        self._sent = {server: set(hashes)}  # only this folder's last server is remembered
 
     def hash(self, rel: str, path, st=None) -> tuple:
         """(sha256, size) of the file at `path` (whose os.stat_result `st` is, if given): remembered
@@ -3582,7 +3602,8 @@ class _HashCache:
         """Keep what this run saw (only that: files gone since are forgotten); never fatal."""
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _write_private(self.path, json.dumps({"written": time.time_ns(), "files": self._seen}), sync=False)
+            _write_private(self.path, json.dumps({"written": time.time_ns(), "files": self._seen, "sent": {
+                server: sorted(hashes) for server, hashes in self._sent.items()}}), sync=False)
 
 
 def _hash_file(path: Path) -> tuple:

@@ -500,14 +500,14 @@ class RateLimiter:
         self._buckets = {k: (t, last) for k, (t, last) in self._buckets.items() if now - last < 60.0}
 
 
-# === Storage: every SQL statement ===
+# === Storage: the SQLite database (all SQL lives in this and the next sections) ===
 
 
 
-class Store:
-    """The SQLite database. Every write is one autocommitted statement, so a 2xx is on disk
-    (WAL) before it is sent, and no coroutine can see another's half-done transaction.
-    Timestamps come from the injected clock, never from SQLite's own."""
+class _Database:
+    """The SQLite connection and what every table's statements share. Every write is one
+    autocommitted statement, so a 2xx is on disk (WAL) before it is sent, and no coroutine can see
+    another's half-done transaction. Timestamps come from the injected clock, never from SQLite's own."""
 
     def __init__(self, conn: aiosqlite.Connection, clock: Clock):
         self._conn = conn
@@ -518,7 +518,7 @@ class Store:
         self._worker_changes = 0
 
     @classmethod
-    async def open(cls, path: Path, clock: Optional[Clock] = None) -> "Store":
+    async def open(cls, path: Path, clock: Optional[Clock] = None):
         conn = await aiosqlite.connect(path, isolation_level=None)
         conn.row_factory = aiosqlite.Row
         await conn.execute("PRAGMA journal_mode = WAL")
@@ -529,10 +529,10 @@ class Store:
             await conn.close()
             raise RuntimeError(f"{path} has schema version {found}, newer than this dispatch.py knows "
                                f"({SCHEMA_VERSION}): run the newer dispatch.py, or restore a backup")
-        for version in range(found + 1, SCHEMA_VERSION + 1) if found else ():
-            for statement in MIGRATIONS[version]:
-                await conn.execute(statement)
-        await conn.executescript(SCHEMA_PATH.read_text())
+        # One transaction: an upgrade happens whole or not at all (and a new database is made at once).
+        upgrade = [statement + ";\n" for version in range(found + 1, SCHEMA_VERSION + 1) if found
+                   for statement in MIGRATIONS[version]]
+        await conn.executescript("BEGIN;\n" + "".join(upgrade) + SCHEMA_PATH.read_text() + "\nCOMMIT;\n")
         return cls(conn, clock or Clock())
 
     async def close(self) -> None:
@@ -552,8 +552,6 @@ class Store:
         """Run an INSERT, UPDATE or DELETE; returns how many rows it touched."""
         return len(await self._conn.execute_fetchall(sql + " RETURNING 1", params))
 
-    # -- health and metrics --------------------------------------------------
-
     async def prove_writable(self) -> None:
         await self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('health_checked_at', ?)",
                           (self._clock.iso(),))
@@ -566,8 +564,6 @@ class Store:
                                   {"cutoff": cutoff})
         return {name: {row["k"]: row["n"] for row in rows}
                 for name, rows in (("jobs", jobs), ("queue", queue), ("workers", workers))}
-
-    # -- retention -----------------------------------------------------------
 
     async def delete_finished_jobs(self, before: str, batch: int = 500) -> list[str]:
         """Delete up to ``batch`` jobs that finished before ``before``, output first (no orphans);
@@ -582,7 +578,11 @@ class Store:
             await self._write("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
         return [row["id"] for row in rows]
 
-    # -- users ---------------------------------------------------------------
+
+# === Storage: users and their tokens ===
+
+
+class _UserTables(_Database):
 
     async def count_users(self) -> int:
         return (await self._one("SELECT COUNT(*) AS n FROM users"))["n"]
@@ -627,8 +627,6 @@ class Store:
         return await self._write("INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?, ?)",
                                  (jti, keep_until)) > 0
 
-    # -- personal API tokens -------------------------------------------------
-
     async def insert_api_token(self, record: dict) -> None:
         await self._write("INSERT INTO api_tokens (id, user_id, name, token_hash, created_at, expires_at)"
                           " VALUES (:id, :user_id, :name, :token_hash, :created_at, :expires_at)", record)
@@ -649,7 +647,11 @@ class Store:
     async def purge_revoked_tokens(self, before: int) -> None:
         await self._write("DELETE FROM revoked_tokens WHERE expires_at < ?", (before,))
 
-    # -- workers -------------------------------------------------------------
+
+# === Storage: workers ===
+
+
+class _WorkerTables(_Database):
 
     # A worker's status and current job are derived, never stored: offline once its heartbeat is
     # older than the cutoff or its agent said it stops, its current job the one it holds.
@@ -753,7 +755,11 @@ class Store:
         self._forget_worker(worker_id)
         return row and row["state"]
 
-    # -- files ---------------------------------------------------------------
+
+# === Storage: files, blobs and artifacts ===
+
+
+class _FileTables(_Database):
 
     async def insert_file(self, record: dict) -> None:
         await self._write(
@@ -773,8 +779,6 @@ class Store:
         row = await self._one("SELECT 1 AS ok FROM jobs WHERE worker_id = ? AND file_id = ? AND status = 'running'",
                               (worker_id, file_id))
         return row is not None
-
-    # -- blobs and input trees ---------------------------------------------------
 
     # A blob's content is stored once, whoever sent it; each person who sent it is an owner, and only
     # an owner (or an admin) may name it in a job: knowing a hash is not having the content.
@@ -872,8 +876,6 @@ class Store:
                               " AND sha256 NOT IN (SELECT sha256 FROM blobs)", (json.dumps(hashes),))
         return hashes
 
-    # -- artifacts ---------------------------------------------------------------
-
     async def record_artifacts(self, job: dict, artifacts: dict) -> dict | None:
         """Note the attempt's artifacts ({"size", "files", "sha256"}) or why it has none ({"error"}),
         if the job's worker still holds the attempt; the job as it is now, or None."""
@@ -884,7 +886,11 @@ class Store:
             {"id": job["id"], "worker_id": job["worker_id"], "attempt": job["attempt"], "size": None,
              "files": None, "sha256": None, "artifacts_error": None, **artifacts})
 
-    # -- jobs ----------------------------------------------------------------
+
+# === Storage: jobs ===
+
+
+class _JobTables(_Database):
 
     # What a submit says about each job; the insert adds seq, status, created_at and parents_left.
     _SUBMITTED = ("id", "command", "file_id", "file_name", "file_sha256", "working_directory", "timeout", "priority",
@@ -1117,6 +1123,10 @@ class Store:
                  AND (julianday(COALESCE(suspended_at, :now))
                       - julianday(COALESCE(command_started_at, CASE WHEN claim_run IS NULL THEN started_at END)))
                      * 86400 - suspended_seconds > timeout + :grace""", {"now": self._clock.iso(), "grace": grace})
+
+
+class Store(_UserTables, _WorkerTables, _FileTables, _JobTables):
+    """Every SQL statement dispatch runs, on one SQLite database (``await Store.open(path)``)."""
 
 
 # Each schema version's changes to the one before, for databases written by an older dispatch.
@@ -1495,7 +1505,7 @@ def _file_is_readable_by(principal: Principal, record: dict) -> bool:
 
 
 
-# === Domain: the job life cycle ===
+# === Domain: how an attempt ends, and how jobs and workers show ===
 
 
 class Ending(Enum):
@@ -1679,6 +1689,9 @@ def _not_a_parent(entry: str, status: Optional[str], owner: Principal) -> str:
     if status is None:
         return "is not a job" + ("" if owner.is_admin else " of yours")
     return f"is {status}, so it will never complete"
+
+
+# === Domain: the job life cycle ===
 
 
 class Jobs:

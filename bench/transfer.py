@@ -82,6 +82,9 @@ def mode_tree(args, server: DispatchServer, token: str, ws: Path, run: int) -> d
     t0 = time.monotonic()
     make_tree(folder, args.files, args.mb, args.git)
     made = time.monotonic() - t0
+    t0 = time.monotonic()
+    subprocess.run(["cp", "-r", str(folder), str(ws / f"copy-{run}")], check=True)
+    copied = time.monotonic() - t0  # what creating that many files costs on this disk, for reference
     stamp = ws / f"started-{run}"
     command = f"date +%s.%N > {stamp}"
 
@@ -103,13 +106,14 @@ def mode_tree(args, server: DispatchServer, token: str, ws: Path, run: int) -> d
     steps = (f"submitted {parse_iso(body['job']['createdAt']) - second_start:.2f} s, claimed "
              f"{parse_iso(body['job']['startedAt']) - second_start:.2f} s, files in place {placed_at - second_start:.2f} s")
 
-    print(f"run {run + 1}: tree of {args.files} files, {args.mb} MB (made in {made:.1f} s{', git' if args.git else ''})\n"
+    print(f"run {run + 1}: tree of {args.files} files, {args.mb} MB (made in {made:.1f} s{', git' if args.git else ''}; "
+          f"cp -r of it on this disk: {copied:.2f} s)\n"
           f"  first run:  {sent_line(first.stderr)}; server received {first_bytes / 2**20:.1f} MB; "
           f"client start to exit {first_wall:.2f} s\n"
           f"  second run: {sent_line(second.stderr)}; server received {second_bytes / 1024:.1f} KB; "
           f"the command started {command_started:.2f} s after the client started ({steps}); client start to exit "
           f"{second_wall:.2f} s", flush=True)
-    return {"rate": rate, "second_kb": second_bytes / 1024, "start": command_started}
+    return {"rate": rate, "second_kb": second_bytes / 1024, "start": command_started, "cp": copied}
 
 
 def mode_artifacts(args, server: DispatchServer, agents: Agents, token: str, ws: Path, run: int) -> dict:
@@ -154,15 +158,17 @@ def main() -> int:
             wait_for_workers(server.url, admin, agents.worker_ids())
             status, body = api_call(server.url, "POST", "/api/auth/tokens", {"name": "bench"}, token=admin)
             token = body["token"]
-            trees = [mode_tree(args, server, token, ws, run) for run in range(args.runs)]
+            # Artifacts first: the agent's RSS is then that of a fresh agent, not one that has placed trees.
             artifacts = [mode_artifacts(args, server, agents, token, ws, run) for run in range(args.runs)]
+            trees = [mode_tree(args, server, token, ws, run) for run in range(args.runs)]
         finally:
             if agents:
                 agents.stop()
             server.stop()
     print(f"summary: first-run upload {fmt_range([t['rate'] for t in trees])} MB/s; second run sent "
           f"{fmt_range([t['second_kb'] for t in trees], '{:.1f}')} KB, command started "
-          f"{fmt_range([t['start'] for t in trees], '{:.2f}')} s after the client; artifacts RSS growth agent "
+          f"{fmt_range([t['start'] for t in trees], '{:.2f}')} s after the client (cp -r of the tree: "
+          f"{fmt_range([t['cp'] for t in trees], '{:.2f}')} s); artifacts RSS growth agent "
           f"{fmt_range([a['agent'] for a in artifacts], '{:.1f}')} MB, server "
           f"{fmt_range([a['server'] for a in artifacts], '{:.1f}')} MB")
     return 0

@@ -5,6 +5,7 @@ and its process tree, and a second run sends only the file that changed."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -166,3 +167,22 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
+
+
+def test_a_content_the_server_lost_since_the_last_run_is_sent_again(server, start_agent, api_token, repo):
+    """The client asks only about contents the server did not have last time; if one expired since,
+    the submit says so and the client asks about everything, sends what is missing, and submits again."""
+    import sqlite3
+
+    start_agent("run-expired")
+    assert run(server, api_token, repo, "--", "true").returncode == 0
+    lost = hashlib.sha256((repo / "src/main.c").read_bytes()).hexdigest()
+    db = sqlite3.connect(server.data_dir / "dispatch.db")
+    with db:
+        db.execute("DELETE FROM blobs WHERE sha256 = ?", (lost,))
+    db.close()
+
+    again = run(server, api_token, repo, "--", "cat src/main.c")
+
+    assert again.returncode == 0, again.stderr
+    assert "int main" in again.stdout and "sent 1 file(s)" in again.stderr
