@@ -15,10 +15,17 @@ First Ctrl-C or SIGTERM: take no new jobs, let running ones finish. Second: kill
 report them as failed. With --run-as USER (Unix, the agent started as root) every job runs as
 that user, and the agent's own files stay root's. On someone's desktop (--only-when-idle, --hours,
 --max-load, --not-on-battery) it takes jobs only while the owner lets it, and a running job steps
-aside when they return: suspended, evicted or left to finish (--on-owner-return).
+aside when they return: suspended, evicted or left to finish (--on-owner-return). A job given as
+an input tree gets its files from the content cache (--cache-mb), fetching only what it lacks; its
+artifacts are zipped and sent before its result.
+
+The same file is the client that runs a folder on the farm:
+
+    python agent.py run --server http://lanbox:3000 --artifacts 'dist/**' -- make test
 
 Sections (`grep -n '^# ===' agent.py`): constants, errors, config, HTTP, platform (ctypes),
-inputs, process trees, guest (the owner first), run_job, server link, spool, Agent, main.
+inputs, transfers (streamed requests, input trees, artifacts), process trees, guest (the owner
+first), run_job, server link, spool, Agent, the `run` client, main.
 """
 
 from __future__ import annotations
@@ -69,9 +76,14 @@ __all__ = [
     "Refused",
     "ServerUnavailable",
     "UnsafeArchive",
+    "collect_artifacts",
+    "collect_files",
+    "extract_artifacts",
     "extract_zip",
     "main",
     "parse_config",
+    "place_tree",
+    "run_client",
     "run_job",
 ]
 
@@ -341,7 +353,8 @@ def _one_of(*choices: str) -> Callable[[str], str]:
 
 
 _SETTING_TYPES = {"--concurrency": _at_least(1), "--cpus": _at_least(1), "--memory-mb": _at_least(0),
-                  "--gpus": _at_least(0), "--cache-mb": _at_least(0), "--only-when-idle": _amount, "--hours": _hours, "--max-load": _amount,
+                  "--gpus": _at_least(0), "--cache-mb": _at_least(0),
+                  "--only-when-idle": _amount, "--hours": _hours, "--max-load": _amount,
                   "--on-owner-return": _one_of(*ON_OWNER_RETURN), "--evict-after": _amount}
 
 
@@ -3062,7 +3075,8 @@ class Agent:
             archive.unlink(missing_ok=True)
         lines = "".join(f"dispatch-agent: {note}\n" for note in notes + ([error] if error else []))
         stderr = result.stderr + ("\n" if result.stderr and not result.stderr.endswith("\n") else "") + lines
-        return dataclasses.replace(result, stderr=stderr, error="; ".join(e for e in (result.error, error) if e) or None)
+        errors = "; ".join(e for e in (result.error, error) if e)
+        return dataclasses.replace(result, stderr=stderr, error=errors or None)
 
     def _upload_artifacts(self, job: _Job, archive: Path) -> None:
         """POST the artifacts zip for the attempt this agent holds, retrying while the server is

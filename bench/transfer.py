@@ -82,9 +82,6 @@ def mode_tree(args, server: DispatchServer, token: str, ws: Path, run: int) -> d
     t0 = time.monotonic()
     make_tree(folder, args.files, args.mb, args.git)
     made = time.monotonic() - t0
-    t0 = time.monotonic()
-    subprocess.run(["cp", "-r", str(folder), str(ws / f"copy-{run}")], check=True)
-    copied = time.monotonic() - t0  # what creating that many files costs on this disk, for reference
     stamp = ws / f"started-{run}"
     command = f"date +%s.%N > {stamp}"
 
@@ -93,6 +90,9 @@ def mode_tree(args, server: DispatchServer, token: str, ws: Path, run: int) -> d
     first_bytes = uploaded_bytes(server.url) - before
     rate = float(re.search(r"\((\d+) MB/s\)", first.stderr).group(1)) if "MB/s" in first.stderr else float("nan")
 
+    t0 = time.monotonic()  # what creating that many files costs on this disk just now, for reference
+    subprocess.run(["cp", "-r", str(folder), str(ws / f"copy-{run}")], check=True)
+    copied = time.monotonic() - t0
     changed = folder / "d000" / "f00000.bin"
     changed.write_bytes(os.urandom(changed.stat().st_size))
     before = uploaded_bytes(server.url)
@@ -104,10 +104,12 @@ def mode_tree(args, server: DispatchServer, token: str, ws: Path, run: int) -> d
     placed = re.search(rf"^(\S+ \S+) INFO job {job_id}: \d+ input files in place", agents_log(ws), re.M)
     placed_at = time.mktime(time.strptime(placed.group(1)[:19], "%Y-%m-%d %H:%M:%S")) + int(placed.group(1)[20:]) / 1000
     steps = (f"submitted {parse_iso(body['job']['createdAt']) - second_start:.2f} s, claimed "
-             f"{parse_iso(body['job']['startedAt']) - second_start:.2f} s, files in place {placed_at - second_start:.2f} s")
+             f"{parse_iso(body['job']['startedAt']) - second_start:.2f} s, files in place "
+             f"{placed_at - second_start:.2f} s")
 
-    print(f"run {run + 1}: tree of {args.files} files, {args.mb} MB (made in {made:.1f} s{', git' if args.git else ''}; "
-          f"cp -r of it on this disk: {copied:.2f} s)\n"
+    git = ", git" if args.git else ""
+    print(f"run {run + 1}: tree of {args.files} files, {args.mb} MB (made in {made:.1f} s{git}; "
+          f"cp -r of it just before the second run: {copied:.2f} s)\n"
           f"  first run:  {sent_line(first.stderr)}; server received {first_bytes / 2**20:.1f} MB; "
           f"client start to exit {first_wall:.2f} s\n"
           f"  second run: {sent_line(second.stderr)}; server received {second_bytes / 1024:.1f} KB; "

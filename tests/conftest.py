@@ -298,6 +298,10 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("slow"):
+            # With pytest-xdist (-n), the slow tests run one after another on one worker, as they
+            # were written to (real processes, timing bounds); the fast ones share the others.
+            item.add_marker(pytest.mark.xdist_group("slow"))
 
 
 @pytest.fixture

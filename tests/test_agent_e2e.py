@@ -521,3 +521,12 @@ def test_a_wrong_registration_token_stops_the_agent_with_one_sentence(server, tm
 
     assert result.returncode == 2
     assert "refused the registration token" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_cleanly_stopped_agent_shows_offline_at_once(user, start_agent):
+    desk = start_agent("desk-1")
+    wait_until(lambda: user.call("GET", "/api/workers/desk-1")[0] == 200, message="the agent to register")
+
+    assert desk.stop() == 0
+
+    assert user.call("GET", "/api/workers/desk-1")[1]["worker"]["status"] == "offline"

@@ -375,3 +375,20 @@ def test_a_file_that_looks_unchanged_is_not_read_again(tmp_path, monkeypatch):
 
     assert hashes == {"old.txt": (sha(b"old"), 3), "changed.txt": (sha(b"after!"), 6), "new.txt": (sha(b"new"), 3)}
     assert read == ["changed.txt", "new.txt"]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_progress_bar_shows_on_a_terminal_and_nowhere_else():
+    shown, piped = Terminal(), io.StringIO()
+    for stream in (shown, piped):
+        progress = agent._Progress(stream)
+        progress.start(files=4, size=4 * 1024**2)
+        progress.sent(2 * 1024**2)
+        progress.files_done(2)
+        progress.clear()
+    assert "\rdispatch: sending [###############               ]  50% 2.0/4.0 MB, 0/4 files" in shown.getvalue()
+    assert shown.getvalue().endswith("\r\033[K") and piped.getvalue() == ""

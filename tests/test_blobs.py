@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 
-import aiohttp
 import pytest
 
 import dispatch
@@ -32,7 +31,8 @@ def entry(path: str, content: bytes, mode: int = 0o644) -> dict:
 
 
 async def submit_tree(api, token: str, tree: list[dict], **fields):
-    return await api.call("POST", "/api/jobs/submit", token=token, json={"command": "make", "inputTree": tree, **fields})
+    body = {"command": "make", "inputTree": tree, **fields}
+    return await api.call("POST", "/api/jobs/submit", token=token, json=body)
 
 
 async def fetch(api, worker: str, job: dict, hashes: list[str]):

@@ -81,7 +81,8 @@ def artifacts_form(world: World) -> aiohttp.FormData:
 
 
 def blob_batch(world: World) -> io.BytesIO:
-    return io.BytesIO(f"{BLOB_SHA} {len(BLOB)}\n".encode() + BLOB + f"{hashlib.sha256(b'').hexdigest()} 0\n".encode())
+    empty = hashlib.sha256(b"").hexdigest()
+    return io.BytesIO(f"{BLOB_SHA} {len(BLOB)}\n".encode() + BLOB + f"{empty} 0\n".encode())
 
 
 # Bodies that are not JSON, by name.
