@@ -1067,23 +1067,28 @@ def _busy_processors(before: tuple, after: tuple, processors: int) -> float:
 # === Inputs: download, verify, cache, extract safely ===
 
 
+def _safe_parts(path: str, what: str) -> list:
+    """The parts of a relative path from an archive or an input tree (`what` names it in the
+    error); UnsafeArchive for anything that could leave the job directory."""
+    if "\\" in path:
+        raise UnsafeArchive(f"{what} {path!r} contains a backslash")
+    if path.startswith("/"):
+        raise UnsafeArchive(f"{what} {path!r} is an absolute path")
+    if re.match(r"[A-Za-z]:", path):
+        raise UnsafeArchive(f"{what} {path!r} starts with a drive letter")
+    parts = [part for part in path.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchive(f"{what} {path!r} climbs out with '..'")
+    if _WINDOWS and any(":" in part for part in parts):  # an NTFS alternate data stream
+        raise UnsafeArchive(f"{what} {path!r} contains ':'")
+    return parts
+
+
 def _entry_parts(info: zipfile.ZipInfo) -> list:
     """The path parts of a zip entry; UnsafeArchive for anything that could leave the job directory."""
-    name = info.filename
     if stat.S_ISLNK(info.external_attr >> 16):
-        raise UnsafeArchive(f"entry {name!r} is a symbolic link")
-    if "\\" in name:
-        raise UnsafeArchive(f"entry {name!r} contains a backslash")
-    if name.startswith("/"):
-        raise UnsafeArchive(f"entry {name!r} is an absolute path")
-    if re.match(r"[A-Za-z]:", name):
-        raise UnsafeArchive(f"entry {name!r} starts with a drive letter")
-    parts = [part for part in name.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeArchive(f"entry {name!r} climbs out with '..'")
-    if _WINDOWS and any(":" in part for part in parts):  # an NTFS alternate data stream
-        raise UnsafeArchive(f"entry {name!r} contains ':'")
-    return parts
+        raise UnsafeArchive(f"entry {info.filename!r} is a symbolic link")
+    return _safe_parts(info.filename, "entry")
 
 
 _ZIP_END = struct.Struct("<4s4H2LH")  # end of central directory record
@@ -1541,22 +1546,12 @@ def _job_transfers(data: dict) -> dict:
 
 def _tree_path_parts(path: str) -> list:
     """The parts of an input tree's path; UnsafeArchive for one that could leave the job directory
-    (the rules of zip entries)."""
+    (the rules of zip entries) or that names no file."""
     if not path:
         raise UnsafeArchive("an input tree entry has an empty path")
-    if "\\" in path:
-        raise UnsafeArchive(f"input tree entry {path!r} contains a backslash")
-    if path.startswith("/"):
-        raise UnsafeArchive(f"input tree entry {path!r} is an absolute path")
-    if re.match(r"[A-Za-z]:", path):
-        raise UnsafeArchive(f"input tree entry {path!r} starts with a drive letter")
-    parts = [part for part in path.split("/") if part not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeArchive(f"input tree entry {path!r} climbs out with '..'")
+    parts = _safe_parts(path, "input tree entry")
     if not parts or any(ord(c) < 32 for c in path):
         raise UnsafeArchive(f"input tree entry {path!r} is not a file name")
-    if _WINDOWS and any(":" in part for part in parts):  # an NTFS alternate data stream
-        raise UnsafeArchive(f"input tree entry {path!r} contains ':'")
     return parts
 
 
