@@ -4,14 +4,17 @@ One box runs ``python dispatch.py``; every desktop that should help runs a copy 
 ``agent.py``. People upload a project zip, submit a shell command, and watch it run
 on whichever desktop is free, with live output.
 
-Run:    python dispatch.py [--host HOST] [--port PORT] [--data-dir DIR]
-Users:  python dispatch.py user add EMAIL --role admin|user [--password-stdin]
+Run:    python dispatch.py [--host HOST] [--port PORT] [--data-dir DIR]       (Python 3.11+)
+Users:  python dispatch.py user add EMAIL --role admin|user [--password-stdin] [--create]
+        python dispatch.py user set-password EMAIL [--password-stdin]
+Backup: python dispatch.py backup FILE
 Embed:  web.run_app(create_app(Config.from_env()))
 
 Sections (``grep -n '^# ===' dispatch.py``), in dependency order: calls go down the file,
 HTTP -> domain -> storage. Constants, errors, configuration, rate limiter, storage (every SQL
-statement), domain (users, input rules, the job life cycle in ``Jobs``), events, HTTP (app keys,
-middleware, handlers named ``*_view``), app, CLI.
+statement, one class per topic, combined as ``Store``), domain (users, input rules, how an attempt
+ends, the job life cycle in ``Jobs``, blobs and artifacts), events, HTTP (app keys, middleware,
+handlers named ``*_view``), app, CLI.
 
 Endpoints (the route table in ``create_app`` is the index):
   POST /api/auth/login, /api/auth/logout, /api/auth/refresh; GET /api/auth/me
