@@ -551,7 +551,7 @@ def _origin(url: str) -> tuple:
     return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
 
 
-# === Platform: Windows Job Objects, memory size, private files, the work-dir lock, the job user, idle time, power, load ===
+# === Platform: Windows Job Objects, memory size, private files, the work-dir lock, the job user ===
 
 
 class _JOBOBJECT_BASIC_LIMIT_INFORMATION(ctypes.Structure):
@@ -834,6 +834,9 @@ class _JobUser:
 
 
 # --- the owner's presence, the power source, the load: probes for the guest policy (see _Guest) ---
+
+
+# === Platform: is the owner away? Idle time, power, load ===
 
 
 def _probe_output(command, *, shell: bool = False) -> str:
@@ -3613,6 +3616,9 @@ class _HashCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _write_private(self.path, json.dumps({"written": time.time_ns(), "files": self._seen, "sent": {
                 server: sorted(hashes) for server, hashes in self._sent.items()}}), sync=False)
+
+
+# === Client: which files go, and what comes back ===
 
 
 def _hash_file(path: Path) -> tuple:
