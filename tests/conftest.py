@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -42,6 +43,16 @@ def make_zip(files: dict[str, str | bytes]) -> bytes:
         for name, content in files.items():
             archive.writestr(name, content)
     return buffer.getvalue()
+
+
+def old_database(path: Path, commit: str) -> sqlite3.Connection:
+    """A database made with the schema.sql of an older commit (for the migration tests); the
+    caller adds rows and closes it."""
+    old_schema = subprocess.run(["git", "show", f"{commit}:schema.sql"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout
+    db = sqlite3.connect(path)
+    db.executescript(old_schema)
+    return db
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import pytest
 import agent
 from conftest import REGISTRATION_TOKEN
 from test_agent_e2e import wait_until, zip_bytes
-from test_agent_run import FakeServer, Sink, job_answer, wait_gone, zip_of
+from test_agent_run import FakeServer, Sink, fake, job_answer, wait_gone, zip_of  # noqa: F401 (fake: a fixture)
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/bin/sh commands and /proc")
 
@@ -50,17 +50,6 @@ def open_dir():
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def fake():
-    server = FakeServer()
-    server.route("POST", "/api/workers/register", (201, {}, {"success": True, "token": "worker-secret"}))
-    server.route("POST", "/api/workers/heartbeat", (200, {}, {"success": True, "nextCheckIn": 30000}))
-    server.route("POST", "/api/jobs/stream-output", (200, {}, {"success": True}))
-    server.route("POST", "/api/jobs/submit-result", (200, {}, {"success": True}))
-    yield server
-    server.close()
 
 
 def make_agent(fake: FakeServer, work_dir: Path, **changes) -> agent.Agent:

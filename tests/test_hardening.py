@@ -21,7 +21,7 @@ import aiosqlite
 import pytest
 
 import dispatch
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, Api, make_zip
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, Api, make_zip, old_database
 
 LONG_PASSWORD = "é" * 37  # 37 characters, 74 bytes: long enough for the 8-character rule, too long for bcrypt
 WORKER = {"workerId": "desktop-1", "hostname": "desktop-1"}
@@ -398,10 +398,7 @@ async def test_a_registration_token_set_by_the_environment_cannot_be_rotated(api
 
 async def test_a_version_2_database_keeps_its_workers_and_they_are_available(tmp_path):
     path = tmp_path / "dispatch.db"
-    old_schema = subprocess.run(["git", "show", "ad609ce:schema.sql"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout
-    db = sqlite3.connect(path)
-    db.executescript(old_schema)
+    db = old_database(path, "ad609ce")
     db.execute("INSERT INTO workers (id, token_hash, hostname, registered_at, last_heartbeat)"
                " VALUES ('w', ?, 'h', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z')",
                (hashlib.sha256(b"t").hexdigest(),))

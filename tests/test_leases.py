@@ -6,12 +6,11 @@ the injected clock, never by sleeping."""
 from __future__ import annotations
 
 import sqlite3
-import subprocess
 
 import pytest
 
 import dispatch
-from conftest import ROOT, Api, make_zip
+from conftest import Api, make_zip, old_database
 
 
 async def heartbeat(api: Api, worker: str, **fields) -> None:
@@ -241,10 +240,7 @@ async def test_get_job_names_the_input_file_and_its_sha256(api):
 
 async def test_a_version_1_database_is_migrated_and_keeps_its_jobs(tmp_path):
     path = tmp_path / "dispatch.db"
-    old_schema = subprocess.run(["git", "show", "a7c33fa:schema.sql"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout
-    db = sqlite3.connect(path)
-    db.executescript(old_schema)
+    db = old_database(path, "a7c33fa")
     db.execute("INSERT INTO jobs (id, seq, command, timeout, priority, priority_rank, status, submitted_by,"
                " created_at) VALUES ('job-old', 1, 'make', 60, 'normal', 1, 'queued', 'u', '2026-01-01T00:00:00.000Z')")
     db.execute("INSERT INTO workers (id, token_hash, hostname, cpu_count, registered_at, last_heartbeat)"

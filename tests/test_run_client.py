@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from test_agent_run import alive
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/bin/sh, /proc")]
 
@@ -159,14 +160,6 @@ def test_a_refused_token_is_one_sentence(server, repo):
     result = run(server, "dsp_not-a-real-token", repo, "--", "true")
     assert result.returncode == 1
     assert result.stderr.strip().startswith("dispatch: the server refused the API token")
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def test_a_content_the_server_lost_since_the_last_run_is_sent_again(server, start_agent, api_token, repo):

@@ -48,6 +48,14 @@ def job_events(events: list[dict]) -> list[dict]:
     return [e for e in events if e["type"].startswith("job.")]
 
 
+async def collect_output(ws, received: list, count: int) -> None:
+    """Append the stream's job.output events to ``received`` until it holds ``count``."""
+    while len(received) < count:
+        event = await next_event(ws, timeout=5)
+        if event["type"] == "job.output":
+            received.append(event)
+
+
 async def no_event_within(ws, seconds: float) -> bool:
     try:
         message = await asyncio.wait_for(ws.receive(), seconds)
@@ -227,13 +235,7 @@ async def test_a_client_that_never_reads_blocks_neither_other_clients_nor_the_ap
 
     received: list[dict] = []
 
-    async def listen() -> None:
-        while len(received) < count:
-            event = await next_event(listener, timeout=5)
-            if event["type"] == "job.output":
-                received.append(event)
-
-    listening = asyncio.ensure_future(listen())
+    listening = asyncio.ensure_future(collect_output(listener, received, count))
     started = time.monotonic()
     slowest = 0.0
     try:
@@ -271,13 +273,7 @@ async def test_a_client_that_never_reads_is_closed_within_a_bounded_backlog_of_b
     count = 32  # 32 MB: far past the silent client's socket buffers and its backlog
     received: list[dict] = []
 
-    async def listen() -> None:
-        while len(received) < count:
-            event = await next_event(listener, timeout=5)
-            if event["type"] == "job.output":
-                received.append(event)
-
-    listening = asyncio.ensure_future(listen())
+    listening = asyncio.ensure_future(collect_output(listener, received, count))
     largest_backlog = 0
     try:
         for n in range(count):
