@@ -18,6 +18,8 @@ that user, and the agent's own files stay root's. On someone's desktop (--only-w
 aside when they return: suspended, evicted or left to finish (--on-owner-return). A job given as
 an input tree gets its files from the content cache (--cache-mb), fetching only what it lacks; its
 artifacts are zipped and sent before its result.
+Given several servers on one database (--server A,B), it uses one and moves to the next when
+it cannot reach it.
 
 The same file is the client that runs a folder on the farm:
 
@@ -155,9 +157,17 @@ class AgentError(Exception):
 class ServerUnavailable(AgentError):
     """The server could not be reached or asked us to wait (network error, 5xx, 429): retry later."""
 
-    def __init__(self, message: str, retry_after: Optional[float] = None):
+    def __init__(self, message: str, retry_after: Optional[float] = None, status: Optional[int] = None):
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status  # of the server's answer (5xx, 429); None: no answer
+        self.server = None  # the server asked, once _Servers.in_use() has seen this
+
+    @property
+    def unreachable(self) -> bool:
+        """A reason to try another server: no answer, or a 5xx (a server whose database is down
+        answers 503). A 429 is the server saying "not so fast": wait, but stay."""
+        return self.status != 429
 
 
 class Refused(AgentError):
@@ -206,7 +216,9 @@ class _Setting(NamedTuple):
 
 
 _SETTINGS = (
-    _Setting("--server", "URL", "DISPATCH_SERVER", None, "the dispatch server, e.g. http://lanbox:3000 (required)"),
+    _Setting("--server", "URL", "DISPATCH_SERVER", None,
+             "the dispatch server, e.g. http://lanbox:3000, or several serving one database separated by commas: "
+             "the agent uses one and moves to the next when it cannot reach it (required)"),
     _Setting(
         "--token",
         "TOKEN",
@@ -269,7 +281,7 @@ _SETTINGS = (
 class Config:
     """Everything the agent is told at start."""
 
-    server: str
+    server: str  # one URL, or several separated by commas (see servers)
     token: str
     worker_id: str
     work_dir: Path
@@ -293,6 +305,27 @@ class Config:
     def offers(self) -> dict:
         """What this computer offers the farm, as register and heartbeat send it."""
         return {"cpus": self.cpus, "memoryMb": self.memory_mb, "gpus": self.gpus}
+
+    @property
+    def servers(self) -> tuple:
+        """The servers' URLs in the order given: the agent starts with the first."""
+        return tuple(self.server.split(","))
+
+
+def _server_urls(parser: argparse.ArgumentParser, text: Optional[str]) -> tuple:
+    """The URLs a --server value lists (one, or several separated by commas), without a trailing /;
+    a usage error naming the one that is not a server's address, if one is not."""
+    urls = tuple(url.strip().rstrip("/") for url in (text or "").split(",") if url.strip())
+    not_a_url = "--server (or DISPATCH_SERVER) must be the server's URL, e.g. http://lanbox:3000"
+    if not urls:
+        parser.error(not_a_url)
+    for url in urls:
+        if not re.match(r"https?://[^/]", url):
+            parser.error(not_a_url if len(urls) == 1 else f"{not_a_url}, or several separated by commas: "
+                                                          f"{url!r} in the list is not a URL")
+        if urllib.parse.urlsplit(url).path.endswith("/api"):
+            parser.error(f"--server is the server's address without /api: {url[:-4]}")
+    return urls
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -384,10 +417,7 @@ def parse_config(argv: Optional[list] = None, environ: Optional[dict] = None) ->
     parser.add_argument("--verbose", action="store_true", help="log every request and step")
     parser.add_argument("--version", action="version", version=f"dispatch agent {__version__}")
     args = parser.parse_args(argv)
-    if not args.server or not re.match(r"https?://[^/]", args.server):
-        parser.error("--server (or DISPATCH_SERVER) must be the server's URL, e.g. http://lanbox:3000")
-    if urllib.parse.urlsplit(args.server).path.rstrip("/").endswith("/api"):
-        parser.error(f"--server is the server's address without /api: {args.server.rstrip('/')[:-4]}")
+    servers = _server_urls(parser, args.server)
     if not args.token:
         parser.error("--token (or DISPATCH_REGISTRATION_TOKEN) is required: the server prints it at start")
     if args.run_as:
@@ -396,7 +426,7 @@ def parse_config(argv: Optional[list] = None, environ: Optional[dict] = None) ->
         except AgentError as err:
             parser.error(str(err))
     return Config(
-        server=args.server.rstrip("/"),
+        server=",".join(servers),
         token=args.token,
         worker_id=args.worker_id or socket.gethostname(),
         work_dir=Path(args.work_dir).expanduser(),
@@ -418,10 +448,12 @@ def parse_config(argv: Optional[list] = None, environ: Optional[dict] = None) ->
     )
 
 
-# === HTTP: kept-alive connections, errors, backoff ===
+# === HTTP: kept-alive connections, errors, backoff, several servers ===
 
 
 _connections = threading.local()  # each thread keeps one connection per server: no handshake per request
+_under_way = {}  # connection -> (scheme, netloc) while a request on it waits for its answer; None once cut
+_under_way_lock = threading.Lock()
 
 
 def _connection(scheme: str, netloc: str, timeout: float) -> tuple:
@@ -444,6 +476,21 @@ def _forget_connection(scheme: str, netloc: str) -> None:
         conn.close()
 
 
+def _cut_requests_to(url: str) -> None:
+    """End the requests every thread has under way to `url`'s server now, not at their timeout (a
+    long-poll parked on a server that stopped answering): each fails as on a broken connection,
+    without _request()'s one retry, and its caller retries as after any failure."""
+    origin = urllib.parse.urlsplit(url)[:2]
+    with _under_way_lock:
+        cut = [conn for conn, where in _under_way.items() if where == origin]
+        _under_way.update(dict.fromkeys(cut))
+    for conn in cut:
+        sock = conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile by its own thread
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked reading it
+
+
 def _request(method, url, *, headers=None, body=None, timeout=HTTP_TIMEOUT_SECONDS, into=None):
     """Send one request; return (status, parsed JSON body or None) for a 2xx answer.
 
@@ -462,6 +509,8 @@ def _request(method, url, *, headers=None, body=None, timeout=HTTP_TIMEOUT_SECON
     for _ in range(2):
         conn, reused = _connection(parts.scheme, parts.netloc, timeout)
         resp = None
+        with _under_way_lock:
+            _under_way[conn] = (parts.scheme, parts.netloc)
         try:
             conn.request(method, target, body=data, headers=headers)
             resp = conn.getresponse()
@@ -474,7 +523,9 @@ def _request(method, url, *, headers=None, body=None, timeout=HTTP_TIMEOUT_SECON
             message, retry_after = _read_error(resp)
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as err:
             _forget_connection(parts.scheme, parts.netloc)
-            if reused and resp is None:
+            with _under_way_lock:
+                cut = _under_way[conn] is None
+            if reused and resp is None and not cut:
                 continue  # the server closed a kept-alive connection before reading this request: once more
             raise ServerUnavailable(f"{method} {parts.path} failed: {err}") from None
         except ssl.SSLError as err:
@@ -484,8 +535,11 @@ def _request(method, url, *, headers=None, body=None, timeout=HTTP_TIMEOUT_SECON
             # Refused connections, timeouts, a truncated or non-JSON answer: all "try later".
             _forget_connection(parts.scheme, parts.netloc)
             raise ServerUnavailable(f"{method} {parts.path} failed: {err}") from None
+        finally:
+            with _under_way_lock:
+                del _under_way[conn]
         if resp.status == 429 or resp.status >= 500:
-            raise ServerUnavailable(f"HTTP {resp.status}: {message}", retry_after)
+            raise ServerUnavailable(f"HTTP {resp.status}: {message}", retry_after, resp.status)
         raise Refused(resp.status, message)
     raise ServerUnavailable(f"{method} {parts.path} failed: connection closed twice")
 
@@ -549,6 +603,58 @@ def _origin(url: str) -> tuple:
     parts = urllib.parse.urlsplit(url)
     default_port = {"http": 80, "https": 443}.get(parts.scheme)
     return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
+
+
+class _Servers:
+    """The servers --server lists, and the one in use. They share one database, so a token or a
+    result is good on each: requests go to one until it cannot be reached, then to the next, round
+    the list. Shared by every thread; `tell` says each move (until a whole round found none)."""
+
+    def __init__(self, urls: tuple, tell: Callable[[str], None] = log.warning):
+        self.urls = urls
+        self._tell = tell
+        self._lock = threading.Lock()  # guards the fields below
+        self._in_use = 0
+        self._moves = 0  # since the server in use last answered
+
+    @property
+    def current(self) -> str:
+        """The URL of the server in use."""
+        return self.urls[self._in_use]
+
+    @property
+    def none_answers(self) -> bool:
+        """Every server of several failed since one last answered."""
+        return len(self.urls) > 1 and self._moves >= len(self.urls)
+
+    @contextlib.contextmanager
+    def in_use(self):
+        """The URL of the server in use, for one request: if that finds it unreachable (see
+        ServerUnavailable.unreachable), the next request goes to the next server."""
+        url = self.current
+        try:
+            yield url
+        except ServerUnavailable as err:
+            err.server = url
+            if err.unreachable:
+                self._move_on(url, err)
+            raise
+        if self._moves and url == self.current:
+            with self._lock:
+                self._moves = 0
+
+    def _move_on(self, url: str, err: ServerUnavailable) -> None:
+        """Use the server after `url`, say so, and end the requests still waiting on `url`."""
+        with self._lock:
+            if len(self.urls) == 1 or url != self.current:
+                return  # nowhere to go, or another request already moved on from it
+            self._in_use = (self._in_use + 1) % len(self.urls)
+            self._moves += 1
+            quiet = self._moves > len(self.urls)  # past a whole round it is one outage, logged once as such
+            now_using = self.current
+        if not quiet:
+            self._tell(f"server {url} unreachable ({err}); using {now_using}")
+        _cut_requests_to(url)
 
 
 # === Platform: Windows Job Objects, memory size, private files, the work-dir lock, the job user ===
@@ -1513,7 +1619,7 @@ def _send_streamed(conn, method: str, parts, headers: dict, body, sent) -> http.
         return resp
     message, retry_after = _read_error(resp)
     if resp.status == 429 or resp.status >= 500:
-        raise ServerUnavailable(f"HTTP {resp.status}: {message}", retry_after)
+        raise ServerUnavailable(f"HTTP {resp.status}: {message}", retry_after, resp.status)
     raise Refused(resp.status, message)
 
 
@@ -2347,13 +2453,15 @@ def run_job(command: str, cwd: Path, *, env: dict, marker: str, timeout: float, 
 
 class _ServerLink:
     """This agent's standing with the server: the worker token (saved in the work dir, reused by
-    the next run), registration, requests made with the token, and heartbeats.
+    the next run), registration, requests made with the token, and heartbeats. With several
+    servers, `servers` says which one is in use.
 
     Every heartbeat sends what `heartbeat_body()` returns at that moment.
     """
 
     def __init__(self, config: Config, token_path: Path, heartbeat_body: Callable[[], dict]):
         self.config = config
+        self.servers = _Servers(config.servers)
         self._token_path = token_path
         self._heartbeat_body = heartbeat_body
         self._token = None
@@ -2369,13 +2477,18 @@ class _ServerLink:
         """The worker token, or None while not registered."""
         return self._token
 
+    @property
+    def server(self) -> str:
+        """The URL of the server in use."""
+        return self.servers.current
+
     def load_token(self) -> None:
         """Take up the token an earlier run saved for this server and worker id, if there is one."""
         try:
             saved = json.loads(self._token_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return
-        if (isinstance(saved, dict) and saved.get("server") == self.config.server
+        if (isinstance(saved, dict) and saved.get("server") in self.config.servers  # its token is good on each
                 and saved.get("workerId") == self.config.worker_id):
             log.info("using the saved worker token for %s", self.config.worker_id)
             self._token = saved.get("token")
@@ -2388,8 +2501,8 @@ class _ServerLink:
         if token is None:
             raise ServerUnavailable("not registered yet")
         try:
-            return _request(method, self.config.server + path, headers={"x-worker-token": token}, body=body,
-                            timeout=timeout)
+            with self.servers.in_use() as server:
+                return _request(method, server + path, headers={"x-worker-token": token}, body=body, timeout=timeout)
         except Refused as err:
             if err.status == 401:
                 raise Fatal(f"the server no longer accepts worker {self.config.worker_id!r} (an admin deleted it, "
@@ -2398,17 +2511,22 @@ class _ServerLink:
             raise
 
     def note_failure(self, err: AgentError) -> None:
-        """Log that the server cannot be reached, once per outage (not once per retry)."""
+        """Log that the server cannot be reached, once per outage (not once per retry); with
+        several, once none of them answers (each move to the next one is logged as it happens)."""
+        servers = self.servers
+        if getattr(err, "server", None) not in (None, servers.current) and not servers.none_answers:
+            return  # the agent moved on from that server, and said so
         with self._failing_lock:
             first, self._failing = self._failing is None, str(err)
         if first:
-            log.warning("cannot reach the server at %s (%s); retrying until it answers", self.config.server, err)
+            where = f"any of {', '.join(servers.urls)}" if servers.none_answers else f"the server at {servers.current}"
+            log.warning("cannot reach %s (%s); retrying until it answers", where, err)
 
     def note_success(self) -> None:
         with self._failing_lock:
             was_failing, self._failing = self._failing is not None, None
         if was_failing:
-            log.info("the server at %s answers again", self.config.server)
+            log.info("the server at %s answers again", self.server)
 
     def ensure_registered(self) -> None:
         """Register this worker unless a token is at hand, and save the token for the next run."""
@@ -2429,20 +2547,21 @@ class _ServerLink:
                 },
             }
             try:
-                _, data = _request("POST", cfg.server + "/api/workers/register", body=body,
-                                   headers={"Authorization": f"Bearer {cfg.token}"})
+                with self.servers.in_use() as server:
+                    _, data = _request("POST", server + "/api/workers/register", body=body,
+                                       headers={"Authorization": f"Bearer {cfg.token}"})
             except Refused as err:
-                raise self._registration_mistake(err) from None
+                raise self._registration_mistake(server, err) from None
             token = data.get("token") if isinstance(data, dict) else None
             if not isinstance(token, str) or not token:
                 raise ServerUnavailable("the register answer has no token")
             _write_private(
-                self._token_path, json.dumps({"server": cfg.server, "workerId": cfg.worker_id, "token": token})
+                self._token_path, json.dumps({"server": server, "workerId": cfg.worker_id, "token": token})
             )
             self._token = token
-            log.info("registered as worker %s on %s", cfg.worker_id, cfg.server)
+            log.info("registered as worker %s on %s", cfg.worker_id, server)
 
-    def _registration_mistake(self, err: Refused) -> Fatal:
+    def _registration_mistake(self, server: str, err: Refused) -> Fatal:
         """What a refused registration means, in a sentence that says what to change."""
         cfg = self.config
         if err.status == 409:
@@ -2453,7 +2572,7 @@ class _ServerLink:
             return Fatal("the server refused the registration token: give the one dispatch.py printed at start "
                          "(--token or DISPATCH_REGISTRATION_TOKEN)")
         if err.status == 404:
-            return Fatal(f"{cfg.server} has no worker registration (HTTP 404): --server must be the dispatch "
+            return Fatal(f"{server} has no worker registration (HTTP 404): --server must be the dispatch "
                          f"server's address, e.g. http://lanbox:3000")
         return Fatal(f"the server refused to register this worker: {err}")
 
@@ -3033,19 +3152,23 @@ class Agent:
             return
         if not job.file_url:
             return
-        url = urllib.parse.urljoin(self.config.server + "/", job.file_url)
-        # The worker token goes only to the dispatch server itself, never to another host.
-        token = (self._link.token or "") if _origin(url) == _origin(self.config.server) else None
+        url = urllib.parse.urljoin(self._link.server + "/", job.file_url)
+        # The worker token goes only to the dispatch servers themselves, never to another host.
+        ours = _origin(url) in {_origin(server) for server in self.config.servers}
+        token = (self._link.token or "") if ours else None
         download = functools.partial(_download, url, token=token, sha256=job.sha256, halt=self._halt)
         with self._cache.fetch(job.file_id, download) as path:
             _place_input(path, _input_name(url), job_dir)
 
+    @contextlib.contextmanager
     def _open_blobs(self, job: _Job, batch: list):
         """The server's answer holding these blobs of the job's input tree, one after the other."""
         body = json.dumps({"jobId": job.job_id, "attempt": job.attempt, "sha256": [h for h, _ in batch]}).encode()
-        return _stream_request("POST", self.config.server + "/api/blobs/fetch", body=body,
-                               headers={"x-worker-token": self._link.token or "", "Content-Type": "application/json"},
-                               timeout=4 * HTTP_TIMEOUT_SECONDS)
+        with self._link.servers.in_use() as server, _stream_request(
+                "POST", server + "/api/blobs/fetch", body=body,
+                headers={"x-worker-token": self._link.token or "", "Content-Type": "application/json"},
+                timeout=4 * HTTP_TIMEOUT_SECONDS) as response:
+            yield response
 
     def _send_artifacts(self, job: _Job, result: JobResult) -> JobResult:
         """Collect, zip and send the job's artifacts, if it names any and its artifactsWhen says so
@@ -3083,12 +3206,13 @@ class Agent:
         body.field("jobId", job.job_id)
         body.field("attempt", str(job.attempt))
         body.file("file", archive, archive.stat().st_size, "artifacts.zip")
+        headers = {"x-worker-token": self._link.token or ""}
         backoff = _Backoff()
         for attempt in range(1, ARTIFACT_ATTEMPTS + 1):
             try:
-                with _stream_request("POST", self.config.server + "/api/jobs/artifacts", body=body,
-                                     headers={"x-worker-token": self._link.token or ""},
-                                     timeout=4 * HTTP_TIMEOUT_SECONDS) as response:
+                with self._link.servers.in_use() as server, _stream_request(
+                        "POST", server + "/api/jobs/artifacts", body=body, headers=headers,
+                        timeout=4 * HTTP_TIMEOUT_SECONDS) as response:
                     response.read()
                 return
             except ServerUnavailable as err:
@@ -3140,7 +3264,8 @@ def _run_parser(environ: dict) -> argparse.ArgumentParser:
                "--artifacts 'dist/**' -- make test",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--server", metavar="URL", default=environ.get("DISPATCH_SERVER"),
-                        help="the dispatch server, e.g. http://lanbox:3000 [DISPATCH_SERVER]")
+                        help="the dispatch server, e.g. http://lanbox:3000, or several serving one database "
+                             "separated by commas: the first that answers is used [DISPATCH_SERVER]")
     parser.add_argument("--api-token", metavar="TOKEN", default=environ.get("DISPATCH_API_TOKEN"),
                         help="a personal API token (POST /api/auth/tokens) [DISPATCH_API_TOKEN]")
     parser.add_argument("-C", dest="folder", metavar="DIR", default=".", help="the folder to send (default: here)")
@@ -3179,8 +3304,7 @@ def run_client(argv: list, environ: Optional[dict] = None, stdout=None, stderr=N
     args, words = parser.parse_args(argv[:split]), argv[split + 1:]
     if not words:
         parser.error("the command after -- is missing")
-    if not args.server or not re.match(r"https?://[^/]", args.server):
-        parser.error("--server (or DISPATCH_SERVER) must be the server's URL, e.g. http://lanbox:3000")
+    servers = _server_urls(parser, args.server)
     if not args.api_token:
         parser.error("--api-token (or DISPATCH_API_TOKEN) is required: create one with POST /api/auth/tokens")
     env = {}
@@ -3189,7 +3313,7 @@ def run_client(argv: list, environ: Optional[dict] = None, stdout=None, stderr=N
         if not equals or not ENV_NAME.fullmatch(name):
             parser.error(f"--env {item!r} must be NAME=VALUE, NAME made of letters, digits and _")
         env[name] = value
-    client = _Client(args.server.rstrip("/"), args.api_token, stderr, environ)
+    client = _Client(servers, args.api_token, stderr, environ)
     try:
         return client.run(args, _shell_command(words), env, stdout)
     except KeyboardInterrupt:
@@ -3200,12 +3324,13 @@ def run_client(argv: list, environ: Optional[dict] = None, stdout=None, stderr=N
 
 
 class _Client:
-    """One `agent.py run`: its server, its token, what it tells the person on stderr."""
+    """One `agent.py run`: its servers, its token, what it tells the person on stderr."""
 
-    def __init__(self, server: str, token: str, stderr, environ):
-        self.server, self._token, self._stderr, self._environ = server, token, stderr, environ
+    def __init__(self, servers: tuple, token: str, stderr, environ):
+        self._token, self._stderr, self._environ = token, stderr, environ
         self.job_id: Optional[str] = None
         self._progress = _Progress(stderr)
+        self._servers = _Servers(servers, tell=self.say)
 
     def say(self, text: str) -> None:
         self._progress.clear()
@@ -3217,10 +3342,16 @@ class _Client:
         return {"Authorization": f"Bearer {self._token}"}
 
     def _call(self, method: str, path: str, body=None, timeout=HTTP_TIMEOUT_SECONDS):
-        try:
-            return _request(method, self.server + path, headers=self._auth, body=body, timeout=timeout)[1]
-        except Refused as err:
-            raise ClientError(self._refusal(path, err)) from None
+        """The answer of the server in use, or of the next ones in turn while it cannot be reached."""
+        for others_left in reversed(range(len(self._servers.urls))):
+            try:
+                with self._servers.in_use() as server:
+                    return _request(method, server + path, headers=self._auth, body=body, timeout=timeout)[1]
+            except ServerUnavailable as err:
+                if not (err.unreachable and others_left):
+                    raise
+            except Refused as err:
+                raise ClientError(self._refusal(path, err)) from None
 
     @staticmethod
     def _refusal(path: str, err: Refused) -> str:
@@ -3273,7 +3404,8 @@ class _Client:
             sha256, size = cache.hash(rel, path, st)
             tree.append({"path": rel, "sha256": sha256, "size": size, "mode": stat.S_IMODE(st.st_mode)})
             paths.setdefault(sha256, (path, size))
-        known = cache.sent(self.server) if trust_cache else set()
+        farm = ",".join(self._servers.urls)  # the servers share one database: what one has, each has
+        known = cache.sent(farm) if trust_cache else set()
         unknown = [sha256 for sha256 in paths if sha256 not in known]
         missing = []
         for start in range(0, len(unknown), MISSING_QUERY_HASHES):
@@ -3281,7 +3413,7 @@ class _Client:
             missing += answer["missing"]
         if missing:
             self._upload([(sha256, *paths[sha256]) for sha256 in missing])
-        cache.note_sent(self.server, paths)
+        cache.note_sent(farm, paths)
         cache.save()
         return tree
 
@@ -3308,16 +3440,17 @@ class _Client:
         server is unreachable or busy (429)."""
         if len(batch) == 1:
             sha256, path, size = batch[0]
-            method, url, body = "PUT", f"{self.server}/api/blobs/{sha256}", _FileBody(path, size)
+            method, target, body = "PUT", f"/api/blobs/{sha256}", _FileBody(path, size)
         else:
-            method, url, body = "POST", f"{self.server}/api/blobs/batch", _BlobBatch()
+            method, target, body = "POST", "/api/blobs/batch", _BlobBatch()
             for sha256, path, size in batch:
                 body.add(sha256, path, size)
         backoff = _Backoff()
         while True:
             try:
-                with _stream_request(method, url, headers=self._auth, body=body, timeout=4 * HTTP_TIMEOUT_SECONDS,
-                                     sent=self._progress.sent) as response:
+                with self._servers.in_use() as server, _stream_request(
+                        method, server + target, headers=self._auth, body=body, timeout=4 * HTTP_TIMEOUT_SECONDS,
+                        sent=self._progress.sent) as response:
                     response.read()
                 self._progress.files_done(len(batch))
                 return
@@ -3340,11 +3473,12 @@ class _Client:
         its final status."""
         shown = _Shown(stdout, self._stderr, self.say)
         backoff = _Backoff(cap=10.0)
-        url = f"{self.server}/api/jobs/follow?jobId={urllib.parse.quote(self.job_id)}"
+        target = f"/api/jobs/follow?jobId={urllib.parse.quote(self.job_id)}"
         while True:
             try:
-                with _stream_request("GET", url, headers={**self._auth, "Accept": "text/event-stream"},
-                                     timeout=FOLLOW_READ_TIMEOUT) as response:
+                with self._servers.in_use() as server, _stream_request(
+                        "GET", server + target, headers={**self._auth, "Accept": "text/event-stream"},
+                        timeout=FOLLOW_READ_TIMEOUT) as response:
                     for name, event in _sse_events(response):
                         backoff.reset()
                         if name == "job.end":
@@ -3378,9 +3512,9 @@ class _Client:
         archive = dest / f".dispatch-artifacts-{uuid.uuid4().hex}.zip"
         try:
             dest.mkdir(parents=True, exist_ok=True)
-            with _create_private(archive) as out:
+            with _create_private(archive) as out, self._servers.in_use() as server:
                 written = _Sha256Writer(out)
-                _request("GET", self.server + job["artifacts"]["url"], headers=self._auth, into=written,
+                _request("GET", server + job["artifacts"]["url"], headers=self._auth, into=written,
                          timeout=4 * HTTP_TIMEOUT_SECONDS)
             if written.hexdigest() != job["artifacts"]["sha256"]:
                 raise ClientError("the artifacts zip arrived damaged (its sha256 does not match): not unpacked")

@@ -85,6 +85,9 @@ server_log = logging.getLogger("dispatch.server")  # what aiohttp says about con
 
 
 SCHEMA_PATH = Path(__file__).with_name("schema.sql")
+POSTGRES_SCHEMA_PATH = Path(__file__).with_name("schema-postgresql.sql")
+POSTGRES_POOL_SIZE = 10
+ADVISORY_LOCK_SCHEMA = 7_401_001  # held while one server creates or upgrades the schema
 PAGE_PATH = Path(__file__).with_name("dispatch.html")
 # The page needs nothing from elsewhere, so it may load nothing from elsewhere.
 PAGE_SECURITY_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
@@ -332,6 +335,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("host", "--host", "DISPATCH_HOST", str, "0.0.0.0", "address to listen on (a LAN box must be reachable)"),
     Setting("port", "--port", "DISPATCH_PORT", int, 3000, "port to listen on"),
     Setting("data_dir", "--data-dir", "DISPATCH_DATA_DIR", str, "./data", "database, uploads and secrets"),
+    Setting("database_url", "--database-url", "DISPATCH_DATABASE_URL", str, "",
+            "postgresql://user@host/db: jobs, files and secrets there, shared by several servers (unset: SQLite)"),
     Setting("admin_email", None, "DISPATCH_ADMIN_EMAIL", str, "admin@localhost",
             "first admin, created on the first start"),
     Setting("admin_password", None, "DISPATCH_ADMIN_PASSWORD", str, "",
@@ -377,6 +382,7 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 3000
     data_dir: str = "./data"
+    database_url: str = ""
     admin_email: str = "admin@localhost"
     admin_password: str = ""
     registration_token: str = ""
@@ -418,6 +424,11 @@ class Config:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def database(self) -> str | Path:
+        """Where jobs live: the PostgreSQL URL, or the SQLite file in the data dir."""
+        return self.database_url or self.data_path / "dispatch.db"
 
     @property
     def approval_required(self) -> bool:
@@ -519,7 +530,10 @@ class _SQLite:
     microseconds, less than a hop to a thread and back (bench/micro_sqlite.py); the one slow part,
     the WAL checkpoint's fsync, runs in a thread instead (``checkpoint``)."""
 
-    placeholder_style = "sqlite"
+    # One writer: a claim needs no row lock, and the next seq is the highest plus one.
+    skip_locked = ""
+    next_seq = "(SELECT COALESCE(MAX(seq), 0) FROM jobs) + 1 + item.key"
+    caches_workers = True
 
     def __init__(self, path: Path):
         self.path = path
@@ -541,8 +555,15 @@ class _SQLite:
         except sqlite3.OperationalError as exc:
             raise DatabaseUnavailable(str(exc)) from exc
 
-    async def script(self, sql: str) -> None:
-        self._conn.executescript(sql)
+    async def schema_version(self) -> int:
+        return (await self.all("PRAGMA user_version"))[0]["user_version"]
+
+    async def upgrade(self, found: int) -> None:
+        """Bring the schema from version ``found`` (0: a new database) to this dispatch.py's, in one
+        transaction: an upgrade happens whole or not at all."""
+        upgrade = [statement + ";\n" for version in range(found + 1, SCHEMA_VERSION + 1) if found
+                   for statement in MIGRATIONS[version]]
+        self._conn.executescript("BEGIN;\n" + "".join(upgrade) + SCHEMA_PATH.read_text() + "\nCOMMIT;\n")
 
     async def checkpoint(self) -> None:
         """Copy the WAL into the database file and fsync it, in aiosqlite's thread on a connection of
@@ -558,6 +579,103 @@ class _SQLite:
         self._conn.close()
 
 
+class _Postgres:
+    """A pool of asyncpg connections to a database that several servers may share. The statements
+    are SQLite's: ``?`` and ``:name`` become ``$n`` here, and schema-postgresql.sql defines the
+    SQLite functions they use."""
+
+    # Servers claim at once: a claim skips the jobs another is claiming; seq comes from a sequence;
+    # a worker's state may change through another server, so it is read every time.
+    skip_locked = "FOR UPDATE OF j SKIP LOCKED"
+    next_seq = "nextval('jobs_seq')"
+    caches_workers = False
+
+    def __init__(self, pool, url: str):
+        self._pool = pool
+        self.url = url
+        self._translated: dict[str, tuple[str, list[str] | None]] = {}
+
+    @classmethod
+    async def connect(cls, url: str) -> "_Postgres":
+        import asyncpg  # only PostgreSQL mode needs it
+        try:
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=POSTGRES_POOL_SIZE, statement_cache_size=512)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise DatabaseUnavailable(f"cannot connect to {_without_password(url)}: {exc}") from None
+        return cls(pool, url)
+
+    def _postgres_sql(self, sql: str) -> tuple[str, list[str] | None]:
+        """The statement with ``$n`` placeholders, and the parameter names in their order (None: the
+        parameters are positional already)."""
+        if (known := self._translated.get(sql)) is not None:
+            return known
+        names: list[str] = []
+        positional = 0
+
+        def number(match: re.Match) -> str:
+            nonlocal positional
+            token, name = match.group(0), match.group(1)
+            if name:
+                if name not in names:
+                    names.append(name)
+                return f"${names.index(name) + 1}"
+            if token == "?":
+                positional += 1
+                return f"${positional}"
+            return token  # a string literal, a comment or a :: cast
+
+        text = _SQL_TOKENS.sub(number, sql)
+        self._translated[sql] = known = (text, names if names else None)
+        return known
+
+    async def all(self, sql: str, params: tuple | dict = ()) -> list[dict]:
+        import asyncpg
+        text, names = self._postgres_sql(sql)
+        args = [params[name] for name in names] if names else params
+        try:
+            return [dict(row) for row in await self._pool.fetch(text, *args)]
+        except asyncpg.UniqueViolationError as exc:
+            raise DuplicateKey(str(exc)) from None
+        except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
+            raise DatabaseUnavailable(str(exc)) from exc
+
+    async def schema_version(self) -> int:
+        if (await self.all("SELECT to_regclass('meta') IS NULL AS new"))[0]["new"]:
+            return 0
+        row = await self.all("SELECT value FROM meta WHERE key = 'schema_version'")
+        return int(row[0]["value"]) if row else 0
+
+    async def upgrade(self, found: int) -> None:
+        """Create or complete the schema, one server at a time (servers may start together)."""
+        if found == SCHEMA_VERSION:
+            return  # unlike SQLite's, re-applying it costs catalog writes and locks the others wait for
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_SCHEMA})")
+            await conn.execute(POSTGRES_SCHEMA_PATH.read_text())
+
+    async def checkpoint(self) -> None:
+        """PostgreSQL checkpoints on its own."""
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+def _is_postgres(where: str | Path) -> bool:
+    return str(where).startswith(("postgresql://", "postgres://"))
+
+
+# A string literal, a comment, a cast, a :name parameter or a ? parameter.
+_SQL_TOKENS = re.compile(r"'(?:[^']|'')*'|--[^\n]*|::|:(\w+)|\?")
+
+
+def _without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
 # === Storage: what every table's statements share (all SQL lives in this and the next sections) ===
 
 
@@ -566,7 +684,7 @@ class _Database:
     statement, so a 2xx is on disk (WAL) before it is sent, and no coroutine can see another's
     half-done transaction. Timestamps come from the injected clock, never from the database's own."""
 
-    def __init__(self, engine: _SQLite, clock: Clock):
+    def __init__(self, engine: _SQLite | _Postgres, clock: Clock):
         self._engine = engine
         self._clock = clock
         # Worker tokens are asked about on every worker call and change only when a worker is
@@ -575,17 +693,15 @@ class _Database:
         self._worker_changes = 0
 
     @classmethod
-    async def open(cls, path: Path, clock: Optional[Clock] = None):
-        engine = _SQLite(path)
-        found = (await engine.all("PRAGMA user_version"))[0]["user_version"]
+    async def open(cls, where: str | Path, clock: Optional[Clock] = None):
+        """``where``: a SQLite file, or a postgresql:// URL."""
+        engine = await _Postgres.connect(str(where)) if _is_postgres(where) else _SQLite(Path(where))
+        found = await engine.schema_version()
         if found > SCHEMA_VERSION:
             await engine.close()
-            raise RuntimeError(f"{path} has schema version {found}, newer than this dispatch.py knows "
-                               f"({SCHEMA_VERSION}): run the newer dispatch.py, or restore a backup")
-        # One transaction: an upgrade happens whole or not at all (and a new database is made at once).
-        upgrade = [statement + ";\n" for version in range(found + 1, SCHEMA_VERSION + 1) if found
-                   for statement in MIGRATIONS[version]]
-        await engine.script("BEGIN;\n" + "".join(upgrade) + SCHEMA_PATH.read_text() + "\nCOMMIT;\n")
+            raise RuntimeError(f"{_without_password(str(where))} has schema version {found}, newer than this "
+                               f"dispatch.py knows ({SCHEMA_VERSION}): run the newer dispatch.py, or restore a backup")
+        await engine.upgrade(found)
         return cls(engine, clock or Clock())
 
     async def close(self) -> None:
@@ -606,14 +722,15 @@ class _Database:
         return len(await self._engine.all(sql + " RETURNING 1", params))
 
     async def prove_writable(self) -> None:
-        await self._write("INSERT OR REPLACE INTO meta (key, value) VALUES ('health_checked_at', ?)",
+        await self._write("INSERT INTO meta (key, value) VALUES ('health_checked_at', ?)"
+                          " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                           (self._clock.iso(),))
 
     async def counts(self, cutoff: str) -> dict[str, dict[str, int]]:
         """Jobs by state, queued jobs by priority, workers by status."""
         jobs = await self._all("SELECT status AS k, COUNT(*) AS n FROM jobs GROUP BY status")
         queue = await self._all("SELECT priority AS k, COUNT(*) AS n FROM jobs WHERE status = 'queued' GROUP BY priority")
-        workers = await self._all(f"SELECT status AS k, COUNT(*) AS n FROM ({self._WORKER_VIEW}) GROUP BY status",
+        workers = await self._all(f"SELECT status AS k, COUNT(*) AS n FROM ({self._WORKER_VIEW}) AS v GROUP BY status",
                                   {"cutoff": cutoff})
         return {name: {row["k"]: row["n"] for row in rows}
                 for name, rows in (("jobs", jobs), ("queue", queue), ("workers", workers))}
@@ -677,7 +794,7 @@ class _UserTables(_Database):
         """Revoke a JWT; False if it already was (one statement, so of two racing revocations
         exactly one wins). It is kept as long as a refresh could still use the token."""
         keep_until = token_exp + int(REFRESH_GRACE.total_seconds())
-        return await self._write("INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?, ?)",
+        return await self._write("INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
                                  (jti, keep_until)) > 0
 
     async def insert_api_token(self, record: dict) -> None:
@@ -737,7 +854,7 @@ class _WorkerTables(_Database):
         if worker is None:
             changes = self._worker_changes
             worker = await self._one("SELECT id, tags, state FROM workers WHERE token_hash = ?", (token_hash,))
-            if worker is not None and changes == self._worker_changes:
+            if worker is not None and changes == self._worker_changes and self._engine.caches_workers:
                 self._workers_by_token[token_hash] = worker
         return worker
 
@@ -747,12 +864,12 @@ class _WorkerTables(_Database):
         self._workers_by_token = {h: w for h, w in self._workers_by_token.items() if w["id"] != worker_id}
 
     async def worker_by_id(self, worker_id: str, cutoff: str) -> dict | None:
-        return await self._one(f"SELECT * FROM ({self._WORKER_VIEW}) WHERE id = :id",
+        return await self._one(f"SELECT * FROM ({self._WORKER_VIEW}) AS v WHERE id = :id",
                                {"cutoff": cutoff, "id": worker_id})
 
     async def list_workers(self, *, cutoff: str, status: str | None, tags: list[str], order: str,
                            limit: int, offset: int) -> tuple[int, list[dict]]:
-        where = ["(:status IS NULL OR status = :status)",
+        where = ["(CAST(:status AS TEXT) IS NULL OR status = :status)",
                  "NOT EXISTS (SELECT 1 FROM json_each(:tags) t"
                  "            WHERE t.value NOT IN (SELECT value FROM json_each(v.tags)))"]
         params = {"cutoff": cutoff, "status": status, "tags": json.dumps(tags), "limit": limit, "offset": offset}
@@ -785,7 +902,7 @@ class _WorkerTables(_Database):
 
     async def workers_gone_silent(self, since: str, cutoff: str) -> list[dict]:
         """Workers whose last heartbeat the offline cutoff passed as it moved from ``since`` to ``cutoff``."""
-        return await self._all(f"SELECT * FROM ({self._WORKER_VIEW}) WHERE last_heartbeat >= :since"
+        return await self._all(f"SELECT * FROM ({self._WORKER_VIEW}) AS v WHERE last_heartbeat >= :since"
                                " AND last_heartbeat < :cutoff AND reported_status != 'offline'",
                                {"since": since, "cutoff": cutoff})
 
@@ -798,7 +915,7 @@ class _WorkerTables(_Database):
         """Note why the worker's agent takes no jobs now ("owner active"; None: it takes them);
         True if that changed."""
         return await self._write("UPDATE workers SET reported_pause = :reason WHERE id = :id"
-                                 " AND reported_pause IS NOT :reason", {"id": worker_id, "reason": reason}) > 0
+                                 " AND reported_pause IS DISTINCT FROM :reason", {"id": worker_id, "reason": reason}) > 0
 
     async def change_worker_state(self, worker_id: str, old: str, new: str) -> str | None:
         """Move the worker from state ``old`` to ``new`` (any other state stays); returns its state
@@ -835,7 +952,7 @@ class _FileTables(_Database):
 
     # A blob's content is stored once, whoever sent it; each person who sent it is an owner, and only
     # an owner (or an admin) may name it in a job: knowing a hash is not having the content.
-    _MAY_USE_BLOB = ("(:user IS NULL OR EXISTS (SELECT 1 FROM blob_owners o"
+    _MAY_USE_BLOB = ("(CAST(:user AS TEXT) IS NULL OR EXISTS (SELECT 1 FROM blob_owners o"
                      " WHERE o.sha256 = b.sha256 AND o.user_id = :user))")
 
     async def touch_usable_blobs(self, hashes: list[str], user_id: Optional[str]) -> set[str]:
@@ -856,21 +973,22 @@ class _FileTables(_Database):
         params = {"items": json.dumps(blobs), "now": self._clock.iso(), "owner": owner_id}
         await self._write(
             "INSERT INTO blobs (sha256, size, created_at, last_used_at)"
-            " SELECT json_extract(value, '$.sha256'), json_extract(value, '$.size'), :now, :now"
+            " SELECT json_extract(value, '$.sha256'), CAST(json_extract(value, '$.size') AS BIGINT), :now, :now"
             " FROM json_each(:items) WHERE true"  # WHERE: so that ON CONFLICT is not read as a join's ON
             " ON CONFLICT (sha256) DO UPDATE SET last_used_at = excluded.last_used_at", params)
-        await self._write("INSERT OR IGNORE INTO blob_owners (sha256, user_id)"
-                          " SELECT json_extract(value, '$.sha256'), :owner FROM json_each(:items)", params)
+        await self._write("INSERT INTO blob_owners (sha256, user_id)"
+                          " SELECT json_extract(value, '$.sha256'), :owner FROM json_each(:items) WHERE true"
+                          " ON CONFLICT DO NOTHING", params)
 
     async def tree_problem(self, tree: str, user_id: Optional[str]) -> dict | None:
         """The first entry of an input tree (JSON) whose blob is not stored, is not the user's to use
         (``user_id`` None: an admin), or has another size than the entry says; None if all are fine."""
         return await self._one(
             f"""SELECT json_extract(t.value, '$.path') AS path, json_extract(t.value, '$.sha256') AS sha256,
-                       json_extract(t.value, '$.size') AS size, b.size AS stored_size,
+                       CAST(json_extract(t.value, '$.size') AS BIGINT) AS size, b.size AS stored_size,
                        b.sha256 IS NOT NULL AND {self._MAY_USE_BLOB} AS usable
                 FROM json_each(:tree) t LEFT JOIN blobs b ON b.sha256 = json_extract(t.value, '$.sha256')
-                WHERE b.sha256 IS NULL OR NOT {self._MAY_USE_BLOB} OR b.size != json_extract(t.value, '$.size')
+                WHERE b.sha256 IS NULL OR NOT {self._MAY_USE_BLOB} OR b.size != CAST(json_extract(t.value, '$.size') AS BIGINT)
                 LIMIT 1""", {"tree": tree, "user": user_id})
 
     async def keep_tree(self, tree_id: str, tree: str, files: int, size: int) -> None:
@@ -883,8 +1001,9 @@ class _FileTables(_Database):
             " VALUES (:id, :tree, :files, :size, :now, :now)"
             " ON CONFLICT (id) DO UPDATE SET last_used_at = excluded.last_used_at RETURNING created_at", params)
         if kept["created_at"] == params["now"]:  # a new tree (the same tree again needs no second list)
-            await self._write("INSERT OR IGNORE INTO tree_blobs (tree_id, sha256)"
-                              " SELECT :id, json_extract(value, '$.sha256') FROM json_each(:tree)", params)
+            await self._write("INSERT INTO tree_blobs (tree_id, sha256)"
+                              " SELECT :id, json_extract(value, '$.sha256') FROM json_each(:tree) WHERE true"
+                              " ON CONFLICT DO NOTHING", params)
         await self._write("UPDATE blobs SET last_used_at = :now WHERE last_used_at < :stale"
                           " AND sha256 IN (SELECT sha256 FROM tree_blobs WHERE tree_id = :id)", params)
 
@@ -900,7 +1019,7 @@ class _FileTables(_Database):
             """SELECT b.sha256, b.size FROM jobs j JOIN tree_blobs t ON t.tree_id = j.input_tree_id
                  JOIN blobs b ON b.sha256 = t.sha256
                WHERE j.id = :job AND j.worker_id = :worker AND j.status = 'running'
-                 AND (:attempt IS NULL OR j.attempt = :attempt)
+                 AND (CAST(:attempt AS BIGINT) IS NULL OR j.attempt = :attempt)
                  AND t.sha256 IN (SELECT value FROM json_each(:hashes))""",
             {"job": job_id, "worker": worker_id, "attempt": attempt, "hashes": json.dumps(hashes)})
         sizes = {row["sha256"]: row["size"] for row in rows}
@@ -950,16 +1069,22 @@ class _JobTables(_Database):
                   "priority_rank", "tags", "max_attempts", "retries", "cpus", "memory_mb", "gpus", "after",
                   "submitted_by", "artifact_patterns", "artifacts_when", "input_tree_id", "env")
 
+    _SUBMITTED_NUMBERS = {"timeout", "priority_rank", "max_attempts", "retries", "cpus", "memory_mb", "gpus"}
+
+    def _submitted_value(self, column: str) -> str:
+        value = f"json_extract(item.value, '$.{column}')"
+        return f"CAST({value} AS BIGINT)" if column in self._SUBMITTED_NUMBERS else value
+
     async def insert_jobs(self, jobs: list[dict]) -> list[dict]:
         """Queue jobs in the given order, all or none: one statement. Each counts its parents not
         completed yet; the schema's triggers record its parents and count them down as they complete."""
         rows = await self._all(
             f"""INSERT INTO jobs ({', '.join(self._SUBMITTED)}, seq, status, created_at, parents_left)
-                SELECT {', '.join(f"json_extract(item.value, '$.{c}')" for c in self._SUBMITTED)},
-                       (SELECT COALESCE(MAX(seq), 0) FROM jobs) + 1 + item.key, 'queued', :now,
+                SELECT {', '.join(self._submitted_value(c) for c in self._SUBMITTED)},
+                       {self._engine.next_seq}, 'queued', :now,
                        (SELECT COUNT(*) FROM json_each(json_extract(item.value, '$.after')) parent
                          WHERE NOT EXISTS (SELECT 1 FROM jobs p WHERE p.id = parent.value AND p.status = 'completed'))
-                FROM json_each(:jobs) item RETURNING *""",
+                FROM json_each(:jobs) item ORDER BY item.key RETURNING *""",
             {"jobs": json.dumps([{c: job[c] for c in self._SUBMITTED} for job in jobs]), "now": self._clock.iso()})
         return sorted(rows, key=lambda row: row["seq"])
 
@@ -1000,19 +1125,19 @@ class _JobTables(_Database):
             f"""WITH RECURSIVE {self._OWNERS},
                   mine AS (SELECT COUNT(*) AS n FROM (SELECT 1 FROM jobs j WHERE j.status = 'queued'
                              AND j.parents_left = 0 AND j.submitted_by = :owner AND j.priority_rank = :rank
-                             AND j.seq < :seq LIMIT :limit)),
+                             AND j.seq < :seq LIMIT :limit) AS m),
                   per_owner AS (SELECT
                       (SELECT COUNT(*) FROM (SELECT 1 FROM jobs j WHERE j.status = 'queued' AND j.parents_left = 0
-                         AND j.submitted_by = owners.id AND j.priority_rank > :rank LIMIT :limit)) AS higher,
+                         AND j.submitted_by = owners.id AND j.priority_rank > :rank LIMIT :limit) AS h) AS higher,
                       (SELECT COUNT(*) FROM (SELECT 1 FROM jobs j WHERE j.status = 'queued' AND j.parents_left = 0
                          AND j.submitted_by = owners.id AND j.priority_rank = :rank
-                         AND (owners.id != :owner OR j.seq < :seq) LIMIT (SELECT n + 1 FROM mine))) AS same
+                         AND (owners.id != :owner OR j.seq < :seq) LIMIT (SELECT n + 1 FROM mine)) AS s) AS same
                     FROM owners WHERE owners.id IS NOT NULL)
-                SELECT (SELECT COALESCE(SUM(higher + same), 0) FROM per_owner) AS ahead,
+                SELECT (SELECT CAST(COALESCE(SUM(higher + same), 0) AS BIGINT) FROM per_owner) AS ahead,
                        (SELECT COUNT(*) FROM jobs WHERE status = 'running') AS running,
                        (SELECT AVG((julianday(completed_at) - julianday(started_at)) * 86400) FROM
                           (SELECT status, started_at, completed_at FROM jobs WHERE completed_at IS NOT NULL
-                           ORDER BY completed_at DESC LIMIT 50)  -- the newest 50 by jobs_finished, not a scan
+                           ORDER BY completed_at DESC LIMIT 50) AS newest  -- by jobs_finished, not a scan
                         WHERE status IN ('completed', 'failed') AND started_at IS NOT NULL) AS mean_run""",
             {"owner": job["submitted_by"], "rank": job["priority_rank"], "seq": job["seq"], "limit": limit})
 
@@ -1027,7 +1152,7 @@ class _JobTables(_Database):
     async def list_jobs(self, *, status: str | None, worker_id: str | None, order: str,
                         limit: int, offset: int) -> tuple[int, list[dict]]:
         params = {"status": status, "worker_id": worker_id, "limit": limit, "offset": offset}
-        where = "(:status IS NULL OR status = :status) AND (:worker_id IS NULL OR worker_id = :worker_id)"
+        where = "(CAST(:status AS TEXT) IS NULL OR status = :status) AND (CAST(:worker_id AS TEXT) IS NULL OR worker_id = :worker_id)"
         total = (await self._one(f"SELECT COUNT(*) AS n FROM jobs WHERE {where}", params))["n"]
         rows = await self._all(f"SELECT * FROM jobs WHERE {where} ORDER BY {order} LIMIT :limit OFFSET :offset",
                                params)
@@ -1066,11 +1191,13 @@ class _JobTables(_Database):
                                         ORDER BY j.priority_rank DESC, j.seq LIMIT 1) AS id
                                FROM owners WHERE owners.id IS NOT NULL)
                   SELECT j.id FROM firsts JOIN jobs j ON j.id = firsts.id
+                  WHERE j.status = 'queued'  -- read again once locked: another server may have claimed it
                   ORDER BY j.priority_rank DESC,
                            (SELECT COUNT(*) FROM jobs r WHERE r.submitted_by = j.submitted_by AND r.status = 'running'),
-                           (SELECT MAX(s.started_at) FROM jobs s WHERE s.submitted_by = j.submitted_by),
+                           COALESCE((SELECT MAX(s.started_at) FROM jobs s WHERE s.submitted_by = j.submitted_by), ''),
                            j.seq
-                  LIMIT 1)
+                  LIMIT 1 {self._engine.skip_locked})
+                AND status = 'queued'
                 RETURNING *""",
             {"worker": worker_id, "tags": worker_tags, "now": self._clock.iso(), "run": run, "poll": poll})
 
@@ -1118,7 +1245,7 @@ class _JobTables(_Database):
                          SELECT chunk FROM (SELECT chunk, SUM(size) OVER (ORDER BY chunk DESC) AS kept
                                             FROM job_output WHERE job_id = ? AND attempt = ? AND stream = ?
                                               AND part = 'tail')
-                         WHERE kept > ?)""", (job_id, attempt, stream, half))
+                         AS tail WHERE kept > ?)""", (job_id, attempt, stream, half))
         return offset
 
     async def output_parts(self, job_id: str, attempt: int) -> dict[tuple[str, str], str]:
@@ -1163,7 +1290,7 @@ class _JobTables(_Database):
         return await self._all(
             """SELECT * FROM jobs WHERE worker_id = :worker AND status = 'running'
                  AND id NOT IN (SELECT value FROM json_each(:running))
-                 AND (:run IS NULL OR claim_run IS NULL OR claim_run != :run OR claim_poll <= :polled)""",
+                 AND (CAST(:run AS TEXT) IS NULL OR claim_run IS NULL OR claim_run != :run OR claim_poll <= :polled)""",
             {"worker": worker_id, "running": json.dumps(running), "run": run, "polled": polled})
 
     async def overdue_jobs(self, grace: float) -> list[dict]:
@@ -1179,7 +1306,7 @@ class _JobTables(_Database):
 
 
 class Store(_UserTables, _WorkerTables, _FileTables, _JobTables):
-    """Every SQL statement dispatch runs, on one SQLite database (``await Store.open(path)``)."""
+    """Every SQL statement dispatch runs, on SQLite or PostgreSQL (``await Store.open(path or URL)``)."""
 
 
 # Each schema version's changes to the one before, for databases written by an older dispatch.
@@ -2750,7 +2877,7 @@ def _page(request: web.Request, sort_columns: dict[str, str], default_sort: str,
     column = sort_columns.get(sort[1:] if descending else sort)
     if column is None:
         raise _invalid_field("sort", f"sort must be one of {', '.join(sort_columns)} (prefix - for descending)")
-    direction = "DESC" if descending else "ASC"
+    direction = "DESC NULLS LAST" if descending else "ASC NULLS FIRST"  # spelled out: engines differ
     return {"limit": limit, "offset": offset, "order": f"{column} {direction}, {tiebreak} {direction}"}
 
 
@@ -3789,7 +3916,7 @@ async def _storage_ctx(app: web.Application):
         leftover.unlink()  # an upload the previous process did not finish
     app[REGISTRATION] = RegistrationToken(config)
     app[TOKENS] = Tokens(_read_or_create_secret(config.data_path / "jwt_secret", lambda: secrets.token_hex(32)))
-    app[STORE] = store = await Store.open(config.data_path / "dispatch.db", app[CLOCK])
+    app[STORE] = store = await Store.open(config.database, app[CLOCK])
     app[JOBS] = Jobs(store, config, app[CLOCK], Announcer(app[HUB], app[BELL], app[METRICS]))
     app[BLOBS] = Blobs(store, config.data_path / "blobs", config.max_upload_mb * 1024 * 1024)
     app[BLOBS].clean()
@@ -3999,8 +4126,8 @@ def _read_password(args: argparse.Namespace) -> str:
 
 async def _user_command(config: Config, args: argparse.Namespace) -> str:
     """``user add`` and ``user set-password``; returns what was done."""
-    database = config.data_path / "dispatch.db"
-    if not database.exists() and not getattr(args, "create", False):
+    database = config.database
+    if isinstance(database, Path) and not database.exists() and not getattr(args, "create", False):
         raise CommandError(f"there is no dispatch database in {config.data_path}: give the server's --data-dir "
                            f"(or DISPATCH_DATA_DIR){', or add --create to start a new one' if args.user_command == 'add' else ''}")
     password = _read_password(args)

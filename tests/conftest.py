@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import io
@@ -22,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,13 +58,88 @@ def old_database(path: Path, commit: str) -> sqlite3.Connection:
     return db
 
 
+# The API tests run on both engines. The PostgreSQL variants need a server: this machine's, or the
+# one DISPATCH_TEST_POSTGRES names; each test session makes its own database and drops it at the end.
+POSTGRES_SERVER = os.environ.get("DISPATCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+ENGINES = ["sqlite", pytest.param("postgresql", marks=[pytest.mark.slow, pytest.mark.postgresql])]
+
+
+def _postgres(url: str, *statements: str) -> None:
+    async def run() -> None:
+        connection = await asyncpg.connect(url, timeout=5)
+        try:
+            for statement in statements:
+                await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
+
+
+def _postgres_problem() -> str | None:
+    try:
+        _postgres(POSTGRES_SERVER, "SELECT 1")
+    except Exception as exc:  # noqa: BLE001 - any reason is a reason to skip, and it is said
+        return (f"PostgreSQL is not reachable at {POSTGRES_SERVER} ({exc}): the postgresql variants are skipped."
+                f" Run them with a PostgreSQL server there, or set DISPATCH_TEST_POSTGRES=postgresql://...")
+    return None
+
+
+def pytest_report_header() -> str:
+    return _postgres_problem() or f"PostgreSQL: {POSTGRES_SERVER} (the postgresql variants run there)"
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> str:
+    """A database of this session's own on the PostgreSQL server, dropped at the end."""
+    if problem := _postgres_problem():
+        pytest.skip(problem)
+    name = f"dispatch_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    _postgres(POSTGRES_SERVER, f"CREATE DATABASE {name}",
+              f"ALTER DATABASE {name} SET synchronous_commit = off")  # tests of behaviour, not of fsync
+    yield POSTGRES_SERVER.rsplit("/", 1)[0] + "/" + name
+    _postgres(POSTGRES_SERVER, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=ENGINES)
+def database_url(request) -> str:
+    """'' for SQLite in the data dir, or a PostgreSQL database emptied for this test."""
+    if request.param == "sqlite":
+        return ""
+    url = request.getfixturevalue("postgres_database")
+    _postgres(url, """DO $$ DECLARE name text; BEGIN
+                          FOR name IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
+                              EXECUTE format('DELETE FROM %I', name);  -- TRUNCATE costs an fsync a table
+                          END LOOP;
+                          IF to_regclass('jobs_seq') IS NOT NULL THEN ALTER SEQUENCE jobs_seq RESTART; END IF;
+                      END $$""")
+    return url
+
+
+# For a test of what only SQLite does (its file, its locks): it runs on that engine alone.
+sqlite_only = pytest.mark.parametrize("database_url", [""], ids=["sqlite"])
+
+
+async def run_sql(config: dispatch.Config, sql: str) -> list[tuple]:
+    """Run a statement on the test's database, whichever engine; its rows. For checks of what is
+    stored, and for moving a row back in time."""
+    if not config.database_url:
+        with contextlib.closing(sqlite3.connect(config.data_path / "dispatch.db", isolation_level=None)) as database:
+            return database.execute(sql).fetchall()
+    connection = await asyncpg.connect(config.database_url)
+    try:
+        return [tuple(row) for row in await connection.fetch(sql)]
+    finally:
+        await connection.close()
+
+
 @pytest.fixture
-def config(tmp_path) -> dispatch.Config:
+def config(tmp_path, database_url) -> dispatch.Config:
     """Limits off and cheap bcrypt, so tests measure behaviour, not waiting; tests that check a
     limit set it with ``dataclasses.replace``."""
-    return dispatch.Config(data_dir=str(tmp_path / "data"), admin_email=ADMIN_EMAIL, admin_password=ADMIN_PASSWORD,
-                           registration_token=REGISTRATION_TOKEN, rate_limit=0, worker_rate_limit=0,
-                           bcrypt_rounds=4)
+    return dispatch.Config(data_dir=str(tmp_path / "data"), database_url=database_url, admin_email=ADMIN_EMAIL,
+                           admin_password=ADMIN_PASSWORD, registration_token=REGISTRATION_TOKEN, rate_limit=0,
+                           worker_rate_limit=0, bcrypt_rounds=4)
 
 
 class Api:
@@ -309,9 +387,10 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if item.get_closest_marker("slow"):
+        if item.get_closest_marker("slow") and not item.get_closest_marker("postgresql"):
             # With pytest-xdist (-n), the slow tests run one after another on one worker, as they
-            # were written to (real processes, timing bounds); the fast ones share the others.
+            # were written to (real processes, timing bounds); the fast ones, and the PostgreSQL
+            # variants of the API tests (slow only for the fast loop), share the others.
             item.add_marker(pytest.mark.xdist_group("slow"))
 
 

@@ -8,7 +8,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import sqlite3
 import stat
 import time
 import uuid
@@ -17,7 +16,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Api
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Api, run_sql
 
 INVALID_CREDENTIALS = {"error": "Invalid credentials", "message": "Email or password incorrect"}
 
@@ -447,11 +446,11 @@ async def test_an_api_token_is_shown_once_kept_as_a_hash_and_acts_as_its_user(ap
     listed = await (await api.call("GET", "/api/auth/tokens", token=token)).json()
     assert listed == {"success": True, "total": 1, "tokens": [{k: created[k] for k in
                                                                ("id", "name", "createdAt", "expiresAt")}]}
-    database = sqlite3.connect(Path(config.data_dir) / "dispatch.db")
-    stored = database.execute("SELECT token_hash FROM api_tokens").fetchall()
-    database.close()
-    assert stored == [(hashlib.sha256(token.encode()).hexdigest(),)]
-    assert token.encode() not in (Path(config.data_dir) / "dispatch.db").read_bytes()
+    assert await run_sql(config, "SELECT token_hash FROM api_tokens") == [
+        (hashlib.sha256(token.encode()).hexdigest(),)]
+    assert token not in repr(await run_sql(config, "SELECT * FROM api_tokens"))
+    if not config.database_url:
+        assert token.encode() not in (Path(config.data_dir) / "dispatch.db").read_bytes()
 
 
 async def test_an_api_token_expires_in_90_days_unless_told(api):
@@ -521,9 +520,7 @@ async def test_a_deleted_users_api_tokens_go_with_them(api, config):
     await api.call("DELETE", f"/api/users/{user_id}", token=await api.admin())
 
     assert await authorised(api, token) == 401
-    database = sqlite3.connect(Path(config.data_dir) / "dispatch.db")
-    assert database.execute("SELECT COUNT(*) FROM api_tokens").fetchone() == (0,)
-    database.close()
+    assert await run_sql(config, "SELECT COUNT(*) FROM api_tokens") == [(0,)]
 
 
 @pytest.mark.parametrize("body, field", [

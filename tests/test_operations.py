@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import dispatch
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, Api, ServerProcess
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, Api, ServerProcess, run_sql, sqlite_only
 
 
 async def test_health_reports_version_queue_and_workers_without_auth(api):
@@ -36,6 +36,7 @@ async def test_health_reports_version_queue_and_workers_without_auth(api):
 
 
 @pytest.mark.slow
+@sqlite_only
 async def test_health_is_503_while_the_database_cannot_be_written(api, config):
     blocker = sqlite3.connect(f"{config.data_dir}/dispatch.db", isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another process holding the write lock past the busy timeout
@@ -99,25 +100,21 @@ async def test_retention_deletes_exactly_the_old_finished_jobs(client, api, conf
                        json={"jobId": job["jobId"], "attempt": job["attempt"], "exitCode": 0, "stdout": "out"})
     old_queued = await api.submit(token, "echo still waiting")
     long_ago = dispatch._iso(clock.now() - dt.timedelta(days=config.job_retention_days + 1))
-    db = sqlite3.connect(f"{config.data_dir}/dispatch.db", isolation_level=None)
-    db.execute("UPDATE jobs SET completed_at = ? WHERE id = ?", (long_ago, old))
-    db.execute("UPDATE jobs SET created_at = ? WHERE id = ?", (long_ago, old_queued))
+    await run_sql(config, f"UPDATE jobs SET completed_at = '{long_ago}' WHERE id = '{old}'")
+    await run_sql(config, f"UPDATE jobs SET created_at = '{long_ago}' WHERE id = '{old_queued}'")
 
     await dispatch._sweep_storage(client.app)
 
     listing = await (await api.call("GET", "/api/jobs/list", token=token)).json()
     assert sorted(job["jobId"] for job in listing["jobs"]) == sorted([recent, old_queued])
-    assert db.execute("SELECT COUNT(*) FROM job_output WHERE job_id = ?", (old,)).fetchone()[0] == 0
-    assert db.execute("SELECT COUNT(*) FROM job_output WHERE job_id = ?", (recent,)).fetchone()[0] == 1
-    db.close()
+    assert await run_sql(config, f"SELECT COUNT(*) FROM job_output WHERE job_id = '{old}'") == [(0,)]
+    assert await run_sql(config, f"SELECT COUNT(*) FROM job_output WHERE job_id = '{recent}'") == [(1,)]
 
 
 async def test_expired_uploads_are_swept_from_disk_and_database(client, api, config):
     token = await api.admin()
     upload = await api.upload(token, b"zip bytes")
-    db = sqlite3.connect(f"{config.data_dir}/dispatch.db", isolation_level=None)
-    db.execute("UPDATE files SET expires_at = ? WHERE id = ?", ("2000-01-01T00:00:00.000Z", upload["fileId"]))
-    db.close()
+    await run_sql(config, f"UPDATE files SET expires_at = '2000-01-01T00:00:00.000Z' WHERE id = '{upload['fileId']}'")
 
     await dispatch._sweep_storage(client.app)
 
@@ -250,9 +247,9 @@ def test_json_logs_carry_one_line_per_request_and_no_secret(tmp_path, server_env
 
 async def test_a_database_from_a_newer_dispatch_is_refused(config):
     config.data_path.mkdir(parents=True)
-    newer = sqlite3.connect(config.data_path / "dispatch.db")
-    newer.execute("PRAGMA user_version = 99")
-    newer.close()
+    await (await dispatch.Store.open(config.database)).close()
+    await run_sql(config, "UPDATE meta SET value = '99' WHERE key = 'schema_version'" if config.database_url
+                  else "PRAGMA user_version = 99")
 
     with pytest.raises(RuntimeError, match="schema version 99"):
-        await dispatch.Store.open(config.data_path / "dispatch.db")
+        await dispatch.Store.open(config.database)
