@@ -88,6 +88,11 @@ SCHEMA_PATH = Path(__file__).with_name("schema.sql")
 POSTGRES_SCHEMA_PATH = Path(__file__).with_name("schema-postgresql.sql")
 POSTGRES_POOL_SIZE = 10
 ADVISORY_LOCK_SCHEMA = 7_401_001  # held while one server creates or upgrades the schema
+ADVISORY_LOCK_SWEEPS = 7_401_002  # held by the one server that runs the sweeps
+ADVISORY_LOCK_EVENTS = 7_401_003  # held while a server adds events
+EVENTS_CHANNEL = "dispatch_events"
+CLUSTER_OUTBOX_LIMIT = 10_000  # events kept for the other servers while the database is down
+EVENTS_KEPT = dt.timedelta(minutes=1)  # in the events table: a server that was away longer reads from now
 PAGE_PATH = Path(__file__).with_name("dispatch.html")
 # The page needs nothing from elsewhere, so it may load nothing from elsewhere.
 PAGE_SECURITY_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
@@ -593,6 +598,8 @@ class _Postgres:
     def __init__(self, pool, url: str):
         self._pool = pool
         self.url = url
+        self._listener = None  # see listen()
+        self._leading = False
         self._translated: dict[str, tuple[str, list[str] | None]] = {}
 
     @classmethod
@@ -658,7 +665,52 @@ class _Postgres:
         """PostgreSQL checkpoints on its own."""
 
     async def close(self) -> None:
+        await self.stop_listening()
         await self._pool.close()
+
+    # What several servers on the database share: events, and who runs the sweeps. A connection of
+    # its own listens for the NOTIFY and holds the sweeps' advisory lock, so both end with it.
+
+    async def listen(self, on_notify: Callable[[], None]) -> None:
+        import asyncpg
+        self._listener = await asyncpg.connect(self.url)
+        self._leading = False
+        await self._listener.add_listener(EVENTS_CHANNEL, lambda *_: on_notify())
+
+    async def stop_listening(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
+
+    def listening(self) -> bool:
+        return self._listener is not None and not self._listener.is_closed()
+
+    async def lead(self) -> bool:
+        """Whether this server runs the cluster's sweeps: it holds their lock, or takes it now that
+        the server that held it is gone."""
+        if not self._leading:
+            self._leading = await self._listener.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_SWEEPS)
+        return self._leading
+
+    async def publish_events(self, server: str, at: str, events: list[dict]) -> None:
+        """Add this server's events, in order, and tell the others. One server at a time (the lock), so
+        ids become visible in their order and a reader that saw id n never misses a smaller one."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK_EVENTS)
+            await conn.execute("INSERT INTO events (server, at, event) SELECT $1, $2, value FROM json_each($3)"
+                               " ORDER BY key", server, at, json.dumps(events))
+            await conn.execute(f"NOTIFY {EVENTS_CHANNEL}")
+
+    async def events_after(self, last_id: int, server: str) -> list[dict]:
+        """The other servers' events after ``last_id``, oldest first."""
+        return await self.all("SELECT id, event FROM events WHERE id > ? AND server != ? ORDER BY id LIMIT 1000",
+                              (last_id, server))
+
+    async def last_event_id(self) -> int:
+        return (await self.all("SELECT COALESCE(MAX(id), 0) AS id FROM events"))[0]["id"]
+
+    async def forget_events(self, before: str) -> None:
+        await self.all("DELETE FROM events WHERE at < ?", (before,))
 
 
 def _is_postgres(where: str | Path) -> bool:
@@ -709,6 +761,29 @@ class _Database:
 
     async def checkpoint(self) -> None:
         await self._engine.checkpoint()
+
+    @property
+    def shared(self) -> bool:
+        """Whether other servers may use the database at the same time (PostgreSQL)."""
+        return isinstance(self._engine, _Postgres)
+
+    @property
+    def engine(self) -> _SQLite | _Postgres:
+        return self._engine
+
+    async def shared_secret(self, key: str, candidate: str) -> str:
+        """The secret kept under ``key``; ``candidate`` if there was none yet (of servers starting
+        together, the first to write wins, and all read the same)."""
+        await self._write("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, candidate))
+        return (await self._one("SELECT value FROM meta WHERE key = ?", (key,)))["value"]
+
+    async def replace_shared_secret(self, key: str, value: str) -> None:
+        await self._write("UPDATE meta SET value = ? WHERE key = ?", (value, key))
+
+    async def forget_events(self, before: str) -> None:
+        """Drop the events passed between servers before ``before`` (only PostgreSQL has them)."""
+        if self.shared:
+            await self._engine.forget_events(before)
 
     async def _one(self, sql: str, params: tuple | dict = ()) -> dict | None:
         rows = await self._engine.all(sql, params)
@@ -1442,13 +1517,24 @@ async def set_password(store: Store, email: str, password: str, rounds: int) -> 
 
 class RegistrationToken:
     """The token agents register with: pinned by DISPATCH_REGISTRATION_TOKEN, or kept in the data
-    dir, where rotating replaces it (the old one stops working at once; registered workers keep
-    their own tokens)."""
+    dir (SQLite) or the database (PostgreSQL: one for every server), where rotating replaces it.
+    The old one stops working at once on the server that rotated it, within a sweep period (a
+    second) on the others; registered workers keep their own tokens."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, store: "Store"):
         self.pinned = bool(config.registration_token)
         self._path = config.data_path / "registration_token"
-        self.value = config.registration_token or _read_or_create_secret(self._path, self._new)
+        self._store = store if store.shared else None
+        self.value = config.registration_token
+
+    async def load(self) -> None:
+        """Read the token (made on the first start); with PostgreSQL, again each sweep period."""
+        if self.pinned:
+            return
+        if self._store is None:
+            self.value = _read_or_create_secret(self._path, self._new)
+        else:
+            self.value = await self._store.shared_secret("registration_token", self._new())
 
     @staticmethod
     def _new() -> str:
@@ -1457,12 +1543,15 @@ class RegistrationToken:
     def matches(self, offered: str) -> bool:
         return hmac.compare_digest(offered.encode(), self.value.encode())
 
-    def rotate(self) -> str:
+    async def rotate(self) -> str:
         if self.pinned:
             raise Conflict("The registration token is set by DISPATCH_REGISTRATION_TOKEN: change it there and "
                            "restart the server", code="REGISTRATION_TOKEN_PINNED")
         value = self._new()
-        _replace_secret(self._path, value)
+        if self._store is None:
+            _replace_secret(self._path, value)
+        else:
+            await self._store.replace_shared_secret("registration_token", value)
         self.value = value
         return value
 
@@ -2541,11 +2630,19 @@ class Announcer:
     """Tells everyone what happened to a job: WebSocket clients, waiting workers, the log, the
     metrics; and WebSocket clients what the workers look like. ``Jobs`` calls it after every change."""
 
-    def __init__(self, hub: EventHub, bell: QueueBell, metrics: Metrics):
-        self._hub, self._bell, self._metrics = hub, bell, metrics
+    def __init__(self, hub: EventHub, bell: QueueBell, metrics: Metrics, cluster: Optional["Cluster"] = None):
+        self._hub, self._bell, self._metrics, self._cluster = hub, bell, metrics, cluster
+
+    def _publish(self, event: dict) -> None:
+        """To this server's WebSocket clients, and through the cluster to the others'. An event whose
+        type starts with "bell." wakes waiting workers instead (``Cluster.deliver``)."""
+        if not event["type"].startswith("bell."):
+            self._hub.publish(event)
+        if self._cluster is not None:
+            self._cluster.send(event)
 
     def job_changed(self, job: dict) -> None:
-        self._hub.publish(job_event(job))
+        self._publish(job_event(job))
         status, where = job["status"], f" on {job['worker_id']}" if job["worker_id"] else ""
         if status == JobState.QUEUED:
             if not job["parents_left"]:
@@ -2554,47 +2651,129 @@ class Announcer:
             self._metrics.job_wait.observe(_seconds_between(job["created_at"], job["started_at"]))
         elif job["started_at"]:
             self._metrics.job_duration.labels(status).observe(_seconds_between(job["started_at"], job["completed_at"]))
-            self._bell.wake_worker(job["worker_id"])  # what the job asked of it is free again
+            self.worker_free(job["worker_id"])  # what the job asked of it is free again
         detail = f"attempt {job['attempt']}" if status == JobState.RUNNING else (
             job["error"] or (f"exit {job['exit_code']}" if job["exit_code"] is not None else ""))
         log.info("job %s %s%s%s", job["id"], status, where, f" ({detail})" if detail else "")
 
     def job_ready(self, job: dict) -> None:
-        """A queued job may be claimed now: wake a worker for it."""
-        self._bell.ring(json.loads(job["tags"]))
+        """A queued job may be claimed now: wake a worker for it (on each server)."""
+        tags = json.loads(job["tags"])
+        self._bell.ring(tags)
+        self._publish({"type": "bell.ring", "tags": tags})
 
     def output(self, job: dict, stream: str, data: str, offset: int) -> None:
         """A chunk of output; ``offset`` is how many characters of the stream came before it, so a
         viewer joins history and live output exactly."""
-        self._hub.publish({"type": "job.output", "jobId": job["id"], "attempt": job["attempt"], "stream": stream,
-                           "offset": offset, "data": data})
+        self._publish({"type": "job.output", "jobId": job["id"], "attempt": job["attempt"], "stream": stream,
+                       "offset": offset, "data": data})
 
     def job_suspended(self, job: dict) -> None:
         """Its worker stopped the job's processes to make way for the owner (``suspended``), or let
         them run on."""
         suspended = job["suspended_at"] is not None
-        self._hub.publish({**job_event(job), "type": "job.suspended" if suspended else "job.resumed"})
+        self._publish({**job_event(job), "type": "job.suspended" if suspended else "job.resumed"})
         log.info("job %s %s on %s", job["id"], "suspended" if suspended else "resumed", job["worker_id"])
 
     def worker_free(self, worker_id: str) -> None:
-        """The worker takes jobs again (its agent says so): its parked get-job polls look at once."""
+        """The worker has room again (a job ended, or its agent takes jobs again): its parked get-job
+        polls, on whichever server, look at once."""
         self._bell.wake_worker(worker_id)
+        self._publish({"type": "bell.wake_worker", "workerId": worker_id})
+
+    def worker_available(self, worker_id: str) -> None:
+        """An admin approved or resumed the worker: its parked get-job answers now (it waited as a
+        worker that may take no job), and one parked before a pause looks again."""
+        self._bell.wake_held()
+        self._publish({"type": "bell.wake_held"})
+        self.worker_free(worker_id)
 
     @property
     def listening(self) -> bool:
-        """Whether any client follows the events: what workers look like is read only for them."""
-        return self._hub.client_count > 0
+        """Whether any client follows the events: what workers look like is read only for them (with
+        other servers, whose clients this one cannot count, always)."""
+        return self._cluster is not None or self._hub.client_count > 0
 
     def worker_changed(self, change: str, worker: dict) -> None:
         """A worker (its JSON) registered (``worker.registered``) or changed (``worker.changed``)."""
-        self._hub.publish({"type": change, **worker})
+        self._publish({"type": change, **worker})
 
     def worker_deleted(self, worker_id: str) -> None:
-        self._hub.publish({"type": "worker.deleted", "workerId": worker_id})
+        self._publish({"type": "worker.deleted", "workerId": worker_id})
 
     def heartbeats(self, heard: dict[str, str]) -> None:
         """When each worker heard from lately was last heard from: one summary, not an event a heartbeat."""
-        self._hub.publish({"type": "worker.heartbeats", "lastHeartbeat": heard})
+        self._publish({"type": "worker.heartbeats", "lastHeartbeat": heard})
+
+
+class Cluster:
+    """Servers sharing one PostgreSQL database: what one announces (events, and wake-ups for its
+    waiting workers) reaches the others through the events table, with a NOTIFY that carries no
+    payload, so neither NOTIFY's 8,000-byte cap nor a pooler that drops LISTEN (transaction
+    pooling) loses anything: each server also looks once a second. One server at a time, the one
+    holding an advisory lock, runs the sweeps."""
+
+    def __init__(self, engine: _Postgres, hub: EventHub, bell: QueueBell, clock: Clock):
+        self.server_id = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._engine, self._hub, self._bell, self._clock = engine, hub, bell, clock
+        self._outbox: list[dict] = []
+        self._outbox_filled = asyncio.Event()
+        self._notified = asyncio.Event()
+
+    def send(self, event: dict) -> None:
+        self._outbox.append(event)
+        self._outbox_filled.set()
+
+    async def lead(self) -> bool:
+        """Whether this server runs the sweeps now."""
+        return self._engine.listening() and await self._engine.lead()
+
+    async def run(self) -> None:
+        """Send this server's events and receive the others', until cancelled."""
+        await asyncio.gather(self._send_forever(), self._receive_forever())
+
+    async def _send_forever(self) -> None:
+        while True:
+            await self._outbox_filled.wait()
+            self._outbox_filled.clear()
+            batch, self._outbox = self._outbox, []
+            try:
+                await self._engine.publish_events(self.server_id, self._clock.iso(), batch)
+            except Exception as exc:  # the database is down: the events wait (the newest, bounded)
+                log.warning("could not pass %d events to the other servers (%s); trying again", len(batch), exc)
+                self._outbox = (batch + self._outbox)[-CLUSTER_OUTBOX_LIMIT:]
+                self._outbox_filled.set()
+                await asyncio.sleep(1.0)
+
+    async def _receive_forever(self) -> None:
+        last_id = None
+        while True:
+            self._notified.clear()
+            try:
+                if not self._engine.listening():
+                    await self._engine.listen(self._notified.set)
+                if last_id is None:
+                    last_id = await self._engine.last_event_id()
+                for row in await self._engine.events_after(last_id, self.server_id):
+                    last_id = row["id"]
+                    self.deliver(json.loads(row["event"]))
+            except Exception as exc:
+                log.warning("could not read the other servers' events (%s); trying again", exc)
+                await self._engine.stop_listening()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._notified.wait(), 1.0)
+
+    def deliver(self, event: dict) -> None:
+        """Another server's event: to this server's WebSocket clients, or to its waiting workers."""
+        kind = event["type"]
+        if kind == "bell.ring":
+            self._bell.ring(event["tags"])
+        elif kind == "bell.wake_worker":
+            self._bell.wake_worker(event["workerId"])
+        elif kind == "bell.wake_held":
+            self._bell.wake_held()
+        else:
+            self._hub.publish(event)
 
 
 # === HTTP: app keys, middleware, request helpers ===
@@ -2608,6 +2787,8 @@ BLOBS = web.AppKey("blobs", Blobs)
 TOKENS = web.AppKey("tokens", Tokens)
 BELL = web.AppKey("bell", QueueBell)
 HUB = web.AppKey("hub", EventHub)
+ANNOUNCER = web.AppKey("announcer", Announcer)
+CLUSTER = web.AppKey("cluster", object)  # the Cluster with PostgreSQL, else None
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", float)
@@ -3168,8 +3349,7 @@ async def _move_worker(request: web.Request, old: WorkerState, new: WorkerState,
         raise NotFound("Worker not found")
     log.info("worker %s %s by %s", worker_id, done, principal.email)
     if new == WorkerState.AVAILABLE:
-        request.app[BELL].wake_held()  # its parked get-job answers now, and the next one gets work
-        request.app[BELL].wake_worker(worker_id)  # a poll parked before a pause looks again
+        request.app[ANNOUNCER].worker_available(worker_id)
     await request.app[JOBS].announce_worker(worker_id)
     return _json({"success": True, "workerId": worker_id, "state": state})
 
@@ -3177,7 +3357,7 @@ async def _move_worker(request: web.Request, old: WorkerState, new: WorkerState,
 async def rotate_registration_token_view(request: web.Request) -> web.Response:
     """A new registration token; the old one stops working at once. Registered workers keep theirs."""
     principal = _user(request, admin=True)
-    token = request.app[REGISTRATION].rotate()
+    token = await request.app[REGISTRATION].rotate()
     log.info("registration token rotated by %s", principal.email)
     return _json({"success": True, "token": token})
 
@@ -3282,7 +3462,7 @@ async def claim_view(request: web.Request) -> web.Response:
         return web.Response(status=204)
     if _client_gone(request):  # it hung up while we claimed: the job goes back, untouched
         await jobs.release(job)
-        request.app[BELL].ring(json.loads(job["tags"]))
+        request.app[ANNOUNCER].job_ready(job)
         return web.Response(status=204)
     await jobs.deliver(job)
     answer = job_json(job, JOB_FOR_WORKER)
@@ -3909,51 +4089,65 @@ async def download_view(request: web.Request) -> web.StreamResponse:
 
 
 async def _storage_ctx(app: web.Application):
-    """Open the database and the secrets in the data dir; create the first admin on first start."""
+    """Open the database and the secrets (in the data dir, or with PostgreSQL in the database);
+    create the first admin on first start."""
     config = app[CONFIG]
     _make_data_dir_private(config.data_path)
     for leftover in (config.data_path / "uploads").glob(".*.partial"):
         leftover.unlink()  # an upload the previous process did not finish
-    app[REGISTRATION] = RegistrationToken(config)
-    app[TOKENS] = Tokens(_read_or_create_secret(config.data_path / "jwt_secret", lambda: secrets.token_hex(32)))
     app[STORE] = store = await Store.open(config.database, app[CLOCK])
-    app[JOBS] = Jobs(store, config, app[CLOCK], Announcer(app[HUB], app[BELL], app[METRICS]))
+    app[REGISTRATION] = RegistrationToken(config, store)
+    await app[REGISTRATION].load()
+    jwt_secret = secrets.token_hex(32)
+    app[TOKENS] = Tokens(await store.shared_secret("jwt_secret", jwt_secret) if store.shared else
+                         _read_or_create_secret(config.data_path / "jwt_secret", lambda: jwt_secret))
+    if store.shared:
+        app[CLUSTER] = Cluster(store.engine, app[HUB], app[BELL], app[CLOCK])
+    app[ANNOUNCER] = Announcer(app[HUB], app[BELL], app[METRICS], app[CLUSTER])
+    app[JOBS] = Jobs(store, config, app[CLOCK], app[ANNOUNCER])
     app[BLOBS] = Blobs(store, config.data_path / "blobs", config.max_upload_mb * 1024 * 1024)
     app[BLOBS].clean()
     for leftover in (config.data_path / "artifacts").glob(".*.partial"):
         leftover.unlink()  # artifacts the previous process did not finish receiving
     if await store.count_users() == 0:
         password = config.admin_password or secrets.token_urlsafe(12)
-        await create_user(store, config.admin_email, password, "admin", config.bcrypt_rounds)
-        app[FIRST_ADMIN] = (config.admin_email, "" if config.admin_password else password)
+        with contextlib.suppress(Conflict):  # another server starting on the same database came first
+            await create_user(store, config.admin_email, password, "admin", config.bcrypt_rounds)
+            app[FIRST_ADMIN] = (config.admin_email, "" if config.admin_password else password)
     yield
     await store.close()
 
 
 async def _sweeper_ctx(app: web.Application):
     """Background work: the database's checkpoint, and lost and overdue jobs, often (a dead
-    worker's jobs must move on within a second of it being declared offline); uploads, revocations, and jobs and workers past retention
-    every minute."""
+    worker's jobs must move on within a second of it being declared offline); uploads, revocations,
+    and jobs and workers past retention every minute. With several servers on PostgreSQL, one of
+    them sweeps (see ``Cluster``), and each passes events to the others."""
     job_period = min(1.0, app[CONFIG].heartbeat_interval / 2)
+    cluster = app[CLUSTER]
 
     async def sweep_forever() -> None:
         next_storage_sweep = 0.0
         while True:
             try:
                 await app[STORE].checkpoint()
-                await app[JOBS].sweep()
-                if time.monotonic() >= next_storage_sweep:
-                    await _sweep_storage(app)
-                    next_storage_sweep = time.monotonic() + SWEEP_INTERVAL
+                if cluster is not None:
+                    await app[REGISTRATION].load()  # another server may have rotated it
+                if cluster is None or await cluster.lead():
+                    await app[JOBS].sweep()
+                    if time.monotonic() >= next_storage_sweep:
+                        await _sweep_storage(app)
+                        next_storage_sweep = time.monotonic() + SWEEP_INTERVAL
             except Exception:
                 log.exception("sweep failed; trying again")
             await asyncio.sleep(job_period)
 
-    task = asyncio.create_task(sweep_forever())
+    tasks = [asyncio.create_task(sweep_forever())] + ([asyncio.create_task(cluster.run())] if cluster else [])
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _sweep_storage(app: web.Application) -> None:
@@ -3969,6 +4163,7 @@ async def _sweep_storage(app: web.Application) -> None:
             await store.delete_file(record["id"])
     await store.purge_revoked_tokens(int(now.timestamp()))
     await app[JOBS].forget_silent_workers(app[CONFIG].worker_retention_days)
+    await store.forget_events(_iso(now - EVENTS_KEPT))
     old = _iso(now - dt.timedelta(days=app[CONFIG].job_retention_days))
     artifacts = app[CONFIG].data_path / "artifacts"
     while deleted := await store.delete_finished_jobs(old):
@@ -3998,6 +4193,7 @@ def create_app(config: Config, *, clock: Optional[Clock] = None) -> web.Applicat
     app[CLOCK] = clock or Clock()
     app[BELL] = QueueBell()
     app[HUB] = EventHub()
+    app[CLUSTER] = None
     app[RATE_LIMITER] = RateLimiter()
     app[METRICS] = Metrics()
     app[METRICS].websocket_clients.set_function(lambda: app[HUB].client_count)

@@ -133,6 +133,13 @@ async def run_sql(config: dispatch.Config, sql: str) -> list[tuple]:
         await connection.close()
 
 
+async def secret_of(config: dispatch.Config, name: str = "jwt_secret") -> str:
+    """A secret the server keeps: in the data dir with SQLite, in the database with PostgreSQL."""
+    if not config.database_url:
+        return (config.data_path / name).read_text().strip()
+    return (await run_sql(config, f"SELECT value FROM meta WHERE key = '{name}'"))[0][0]
+
+
 @pytest.fixture
 def config(tmp_path, database_url) -> dispatch.Config:
     """Limits off and cheap bcrypt, so tests measure behaviour, not waiting; tests that check a

@@ -16,13 +16,9 @@ from pathlib import Path
 import jwt
 import pytest
 
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Api, run_sql
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, Api, run_sql, secret_of, sqlite_only
 
 INVALID_CREDENTIALS = {"error": "Invalid credentials", "message": "Email or password incorrect"}
-
-
-def secret_of(config) -> str:
-    return (Path(config.data_dir) / "jwt_secret").read_text().strip()
 
 
 def claims_for(user_id: str, *, expired_seconds_ago: float) -> dict:
@@ -170,7 +166,7 @@ async def test_refresh_of_a_logged_out_token_is_401(api):
 
 
 async def test_an_expired_token_is_refused_but_refreshed_within_the_grace_period(api, config):
-    expired = jwt.encode(claims_for(await admin_id(api), expired_seconds_ago=3600), secret_of(config),
+    expired = jwt.encode(claims_for(await admin_id(api), expired_seconds_ago=3600), await secret_of(config),
                          algorithm="HS256")
 
     assert await authorised(api, expired) == 401
@@ -183,7 +179,7 @@ async def test_an_expired_token_is_refused_but_refreshed_within_the_grace_period
 
 
 async def test_a_token_expired_beyond_the_grace_period_cannot_be_refreshed(api, config):
-    expired = jwt.encode(claims_for(await admin_id(api), expired_seconds_ago=8 * 24 * 3600), secret_of(config),
+    expired = jwt.encode(claims_for(await admin_id(api), expired_seconds_ago=8 * 24 * 3600), await secret_of(config),
                          algorithm="HS256")
     api.forget_cookies()
 
@@ -203,10 +199,11 @@ def unsigned(claims: dict) -> str:
 @pytest.mark.parametrize("forge", ["alg-none", "wrong-key", "hs512-with-the-secret", "garbage"])
 async def test_forged_tokens_are_refused(api, config, forge):
     claims = claims_for(await admin_id(api), expired_seconds_ago=-3600)  # valid for another hour
+    secret = await secret_of(config)
     token = {
         "alg-none": lambda: unsigned(claims),
         "wrong-key": lambda: jwt.encode(claims, "not-the-secret-" * 4, algorithm="HS256"),
-        "hs512-with-the-secret": lambda: jwt.encode(claims, secret_of(config), algorithm="HS512"),
+        "hs512-with-the-secret": lambda: jwt.encode(claims, secret, algorithm="HS512"),
         "garbage": lambda: "not.a.jwt",
     }[forge]()
     api.forget_cookies()
@@ -218,7 +215,7 @@ async def test_forged_tokens_are_refused(api, config, forge):
 
 async def test_a_genuine_token_signed_with_the_secret_is_accepted(api, config):
     """The forged-token test above would pass on a server that refused everything."""
-    token = jwt.encode(claims_for(await admin_id(api), expired_seconds_ago=-3600), secret_of(config),
+    token = jwt.encode(claims_for(await admin_id(api), expired_seconds_ago=-3600), await secret_of(config),
                        algorithm="HS256")
 
     assert await authorised(api, token) == 200
@@ -240,6 +237,7 @@ async def test_tokens_and_revocations_survive_a_restart(api, make_client):
     assert (await restarted.call("GET", "/api/jobs/list", token=revoked)).status == 401
 
 
+@sqlite_only
 async def test_jwt_secret_is_kept_with_mode_0600(api, config):
     await api.admin()
     path = Path(config.data_dir) / "jwt_secret"
@@ -247,7 +245,7 @@ async def test_jwt_secret_is_kept_with_mode_0600(api, config):
     mode = stat.S_IMODE(os.stat(path).st_mode)
 
     assert mode == 0o600
-    assert len(secret_of(config)) >= 32
+    assert len(await secret_of(config)) >= 32
 
 
 # -- cookie and origin ----------------------------------------------------------

@@ -21,7 +21,7 @@ import aiosqlite
 import pytest
 
 import dispatch
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, Api, make_zip, old_database
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, Api, make_zip, old_database, secret_of
 
 LONG_PASSWORD = "é" * 37  # 37 characters, 74 bytes: long enough for the 8-character rule, too long for bcrypt
 WORKER = {"workerId": "desktop-1", "hostname": "desktop-1"}
@@ -361,8 +361,7 @@ async def test_without_open_registration_the_contracts_tokenless_register_is_401
 async def test_rotating_the_registration_token_stops_the_old_one_at_once_and_survives_a_restart(
         make_client, config):
     api = Api(await make_client(registration_token=""))
-    path = Path(config.data_dir) / "registration_token"
-    old = path.read_text().strip()
+    old = await secret_of(config, "registration_token")
     registered = await register(api, token=old)
 
     response = await api.call("POST", "/api/workers/registration-token", token=await api.admin())
@@ -371,7 +370,7 @@ async def test_rotating_the_registration_token_stops_the_old_one_at_once_and_sur
     new = body["token"]
     assert (response.status, body["success"]) == (200, True)
     assert new != old and len(new) >= 20
-    assert path.read_text().strip() == new
+    assert await secret_of(config, "registration_token") == new
     assert (await api.call("POST", "/api/workers/register", token=old, json={**WORKER, "workerId": "w2"})).status == 401
     assert (await register(api, token=new, workerId="w3"))["state"] == "available"
     heartbeat = await api.call("POST", "/api/workers/heartbeat", worker=registered["token"], json={})

@@ -13,7 +13,7 @@ import aiohttp
 import jwt
 import pytest
 
-from conftest import REGISTRATION_TOKEN, Api, make_zip
+from conftest import REGISTRATION_TOKEN, Api, make_zip, secret_of
 
 REFUSED = {"none": 401, "garbage": 401, "expired": 401, "alg-none": 401, "wrong-key": 401}
 
@@ -45,7 +45,7 @@ class World:
         assert sent.status == 201, await sent.text()
         created = await api.call("POST", "/api/auth/tokens", token=self.owner, json={"name": "matrix"})
         self.api_token = await created.json()  # the owner's personal API token
-        secret = (config.data_path / "jwt_secret").read_text()
+        secret = await secret_of(config)
         now = int(time.time())
         claims = {"sub": owner_id, "role": "user", "jti": "j1", "iat": now - 100}
         self.forged = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import dispatch
-from conftest import ISO_MS, REGISTRATION_TOKEN, Api
+from conftest import ISO_MS, REGISTRATION_TOKEN, Api, sqlite_only
 
 WORKER_BODY = {"workerId": "worker-001", "hostname": "desktop-pc", "cpuCount": 8, "totalMemoryMb": 16384,
                "metadata": {"osType": "Windows", "nodeVersion": "18.17.0", "tags": ["test", "build"]}}
@@ -137,6 +137,7 @@ async def test_a_user_jwt_may_not_register_a_worker(api):
     assert await total_workers(api) == 0
 
 
+@sqlite_only
 async def test_a_generated_registration_token_is_kept_with_mode_0600_and_works(make_client, config):
     api = Api(await make_client(registration_token=""))
     path = Path(config.data_dir) / "registration_token"
