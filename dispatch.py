@@ -600,6 +600,7 @@ class _Postgres:
         self.url = url
         self._listener = None  # see listen()
         self._leading = False
+        self._lead_lock = asyncio.Lock()
         self._translated: dict[str, tuple[str, list[str] | None]] = {}
 
     @classmethod
@@ -673,9 +674,9 @@ class _Postgres:
 
     async def listen(self, on_notify: Callable[[], None]) -> None:
         import asyncpg
-        self._listener = await asyncpg.connect(self.url)
-        self._leading = False
-        await self._listener.add_listener(EVENTS_CHANNEL, lambda *_: on_notify())
+        listener = await asyncpg.connect(self.url)
+        await listener.add_listener(EVENTS_CHANNEL, lambda *_: on_notify())
+        self._listener, self._leading = listener, False  # only now: lead() may use it
 
     async def stop_listening(self) -> None:
         listener, self._listener = self._listener, None
@@ -688,8 +689,9 @@ class _Postgres:
     async def lead(self) -> bool:
         """Whether this server runs the cluster's sweeps: it holds their lock, or takes it now that
         the server that held it is gone."""
-        if not self._leading:
-            self._leading = await self._listener.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_SWEEPS)
+        async with self._lead_lock:  # one question at a time on the listening connection
+            if not self._leading:
+                self._leading = await self._listener.fetchval("SELECT pg_try_advisory_lock($1)", ADVISORY_LOCK_SWEEPS)
         return self._leading
 
     async def publish_events(self, server: str, at: str, events: list[dict]) -> None:

@@ -120,6 +120,11 @@ def database_url(request) -> str:
 sqlite_only = pytest.mark.parametrize("database_url", [""], ids=["sqlite"])
 
 
+# For a test of what only several servers on PostgreSQL do.
+postgresql_only = pytest.mark.parametrize(
+    "database_url", [pytest.param("postgresql", marks=[pytest.mark.slow, pytest.mark.postgresql])], indirect=True)
+
+
 async def run_sql(config: dispatch.Config, sql: str) -> list[tuple]:
     """Run a statement on the test's database, whichever engine; its rows. For checks of what is
     stored, and for moving a row back in time."""
