@@ -463,6 +463,35 @@ def _make_data_dir_private(path: Path) -> None:
             os.chmod(os.path.join(folder, name), 0o600)
 
 
+class DataDirInUse(Exception):
+    """Another server runs on this data dir (SQLite has one server; PostgreSQL may have several)."""
+
+
+def _lock_data_dir(path: Path):
+    """Hold <data dir>/dispatch.lock while the server runs; refuse if another process holds it. The
+    operating system drops the lock when its process ends, however it ends, so a lock left by a
+    dead server never blocks. Returns the open lock file: closing it lets go."""
+    lock = open(path / "dispatch.lock", "a+")
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise DataDirInUse(f"another dispatch server ({holder}) uses the data dir {path}: stop it first, or give "
+                           f"this one its own --data-dir (several servers can share one PostgreSQL database: "
+                           f"--database-url)") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
+
+
 def _read_or_create_secret(path: Path, make: Callable[[], str]) -> str:
     """A secret kept in the data dir with mode 0600, created on first use."""
     if path.exists():
@@ -4095,6 +4124,7 @@ async def _storage_ctx(app: web.Application):
     create the first admin on first start."""
     config = app[CONFIG]
     _make_data_dir_private(config.data_path)
+    lock = None if config.database_url else _lock_data_dir(config.data_path)
     for leftover in (config.data_path / "uploads").glob(".*.partial"):
         leftover.unlink()  # an upload the previous process did not finish
     app[STORE] = store = await Store.open(config.database, app[CLOCK])
@@ -4118,6 +4148,8 @@ async def _storage_ctx(app: web.Application):
             app[FIRST_ADMIN] = (config.admin_email, "" if config.admin_password else password)
     yield
     await store.close()
+    if lock is not None:
+        lock.close()
 
 
 async def _sweeper_ctx(app: web.Application):
@@ -4484,8 +4516,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     # run_app "prints" once the socket listens: the banner then tells the truth. The keep-alive
     # timeout also bounds how long a connection may take to send its request's headers; the
     # lingering time, how long an unread body is drained after the answer.
-    web.run_app(app, sock=sock, print=lambda _message: _print_banner(app), access_log=None,
-                keepalive_timeout=config.request_timeout, lingering_time=config.request_timeout)
+    try:
+        web.run_app(app, sock=sock, print=lambda _message: _print_banner(app), access_log=None,
+                    keepalive_timeout=config.request_timeout, lingering_time=config.request_timeout)
+    except DataDirInUse as err:
+        print(f"dispatch.py: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

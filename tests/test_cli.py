@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ADMIN_EMAIL, ROOT, LiveApi, ServerProcess, server_environment
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, ROOT, LiveApi, ServerProcess, free_port, server_environment
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +50,20 @@ def test_the_first_start_that_listens_prints_the_first_admin(tmp_path):
         LiveApi(server.url).login(ADMIN_EMAIL, password)
     finally:
         server.stop()
+
+
+def test_a_second_server_on_the_same_data_dir_is_refused_until_the_first_is_gone_even_by_kill_9(tmp_path):
+    first = ServerProcess(tmp_path / "data", server_environment()).start()
+    try:
+        refused = dispatch_py("--host", "127.0.0.1", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"))
+        assert "another dispatch server" in one_sentence(refused)
+        assert f"pid {first.process.pid}" in refused.stderr  # who holds it
+        LiveApi(first.url).login(ADMIN_EMAIL, ADMIN_PASSWORD)  # the first one goes on as before
+    finally:
+        first.kill()  # its lock goes with it: nothing stale is left to block the next start
+
+    second = ServerProcess(tmp_path / "data", server_environment()).start()
+    second.stop()
 
 
 def test_user_add_refuses_a_folder_with_no_database_unless_told_to_create_one(tmp_path):
