@@ -2,11 +2,14 @@
 """kill -9 the dispatch server at random moments while a client submits jobs and agents run them.
 
     python bench/chaos.py --cycles 20 --jobs 500
+    python bench/chaos.py --servers 2 --cycles 20 --jobs 500    # two servers on one PostgreSQL database
 
 A real ``dispatch.py`` (fixed loopback port, one data dir) and real ``agent.py`` processes. A
 client thread submits N jobs, retrying while the server is down; the main thread kills the
 server with SIGKILL after a random uptime and restarts it on the same data dir and port, K
-times. Each job appends its own id to a shared file when it runs, so a job that ran twice is
+times. With ``--servers N`` (N > 1), N servers share a fresh PostgreSQL database (made on
+``--postgres``, dropped at the end); the agents are given every server's URL, the client submits
+through each in turn (moving to the next when one is down), and each kill takes a random one. Each job appends its own id to a shared file when it runs, so a job that ran twice is
 seen even if the server recorded it once. At the end (all acknowledged jobs finished, agents
 stopped) it prints:
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import http.client
 import json
 import os
@@ -36,7 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Agents, DispatchServer, Workspace, free_port, login, print_banner, wait_for_workers  # noqa: E402
+from _common import (Agents, DispatchServer, PostgresDatabase, Workspace, free_port, login, print_banner,  # noqa: E402
+                     wait_for_workers)
 
 FINISHED = ("completed", "failed", "cancelled")
 
@@ -49,17 +54,17 @@ class Submitter(threading.Thread):
     acknowledgement; it is retried too, and counted, so an unacknowledged extra job is no surprise.
     """
 
-    def __init__(self, port: int, token: str, jobs: int, command: str, interval: float, deadline: float):
+    def __init__(self, ports: list[int], token: str, jobs: int, command: str, interval: float, deadline: float):
         super().__init__(daemon=True)
-        self.port, self.token, self.jobs, self.command = port, token, jobs, command
+        self.ports, self.token, self.jobs, self.command = ports, token, jobs, command
         self.interval, self.deadline = interval, deadline
         self.acknowledged: list[str] = []
         self.ambiguous = 0
         self.refused = 0
         self.errors: list[str] = []
 
-    def submit_once(self) -> str | None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+    def submit_once(self, port: int) -> str | None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
             body = json.dumps({"command": self.command, "timeout": 60})
             conn.request("POST", "/api/jobs/submit", body=body,
@@ -82,9 +87,11 @@ class Submitter(threading.Thread):
             conn.close()
 
     def run(self) -> None:
-        for _ in range(self.jobs):
+        for n in range(self.jobs):
+            tries = 0
             while time.monotonic() < self.deadline:
-                job_id = self.submit_once()
+                job_id = self.submit_once(self.ports[(n + tries) % len(self.ports)])  # each server in turn
+                tries += 1
                 if job_id:
                     self.acknowledged.append(job_id)
                     break
@@ -107,6 +114,14 @@ def marked_processes(mark: str) -> list[int]:
     return found
 
 
+def job_rows(server: DispatchServer, database: PostgresDatabase | None) -> list[dict]:
+    sql = "SELECT id, status, attempt, error FROM jobs"
+    if database:
+        return database.rows(sql)
+    with server.db() as db:
+        return [dict(row) for row in db.execute(sql)]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cycles", type=int, default=10, help="kill -9 and restart this many times (default 10)")
@@ -119,6 +134,9 @@ def main(argv=None) -> int:
                    help="at the end, give up once no job has finished for this many seconds (default 30)")
     p.add_argument("--seed", type=int, help="random seed (printed, so a run can be repeated)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, database)")
+    p.add_argument("--servers", type=int, default=1, help="servers; more than 1 share a PostgreSQL database")
+    p.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                   help="PostgreSQL to make the shared database on (--servers > 1)")
     args = p.parse_args(argv)
     if not sys.platform.startswith("linux"):
         print("chaos.py reads /proc: Linux only")
@@ -126,18 +144,21 @@ def main(argv=None) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     print_banner("dispatch chaos")
-    print(f"seed {seed}; {args.cycles} kill -9 cycles, {args.jobs} jobs, {args.agents} agents, uptime "
-          f"{args.min_up:g}-{args.max_up:g} s", flush=True)
+    print(f"seed {seed}; {args.cycles} kill -9 cycles, {args.jobs} jobs, {args.agents} agents, {args.servers} "
+          f"server(s), uptime {args.min_up:g}-{args.max_up:g} s", flush=True)
     started = time.monotonic()
-    with Workspace(args.keep, prefix="dispatch-chaos-") as ws:
+    with Workspace(args.keep, prefix="dispatch-chaos-") as ws, \
+            (PostgresDatabase(args.postgres) if args.servers > 1 else contextlib.nullcontext()) as database:
         ran_file = ws / "ran.txt"
         ran_file.touch()
         mark = uuid.uuid4().hex
-        server = DispatchServer(ws / "server", port=free_port()).start()
+        env = {"DISPATCH_DATABASE_URL": database.url} if database else {}
+        servers = [DispatchServer(ws / f"server-{n}", port=free_port(), env=env).start() for n in range(args.servers)]
+        server = servers[0]
         agents = None
         try:
             token = login(server.url)
-            agents = Agents(ws / "agents", server.url, args.agents, prefix="chaos-agent",
+            agents = Agents(ws / "agents", ",".join(s.url for s in servers), args.agents, prefix="chaos-agent",
                             env={"BENCH_CHAOS_MARK": mark}).start()
             wait_for_workers(server.url, token, agents.worker_ids())
             command = f'echo "$DISPATCH_JOB_ID" >> {shlex.quote(str(ran_file))}'
@@ -145,21 +166,22 @@ def main(argv=None) -> int:
                 command += f"; sleep {args.job_seconds:g}"
             expected = args.cycles * (args.min_up + args.max_up) / 2 + args.cycles * 0.7
             interval = max(0.0, expected / max(args.jobs, 1) * 0.8)
-            submitter = Submitter(server.port, token, args.jobs, command, interval,
+            submitter = Submitter([s.port for s in servers], token, args.jobs, command, interval,
                                   deadline=time.monotonic() + expected + 120)
             submitter.start()
 
             downtimes = []
             for cycle in range(args.cycles):
                 time.sleep(rng.uniform(args.min_up, args.max_up))
+                server = rng.choice(servers)
                 server.kill9()
                 down = time.monotonic()
                 if rng.random() < 0.3:
                     time.sleep(rng.uniform(0, 0.5))  # sometimes stay down a little longer
                 server.start()
                 downtimes.append(time.monotonic() - down)
-                print(f"  kill {cycle + 1}: acknowledged so far {len(submitter.acknowledged)}, down "
-                      f"{downtimes[-1]:.2f} s", flush=True)
+                print(f"  kill {cycle + 1} ({server.url}): acknowledged so far {len(submitter.acknowledged)}, "
+                      f"down {downtimes[-1]:.2f} s", flush=True)
             submitter.join(expected + 120)
 
             # Every acknowledged job must finish, on the agents that lived through it all.
@@ -168,8 +190,7 @@ def main(argv=None) -> int:
             last_progress, last_pending = time.monotonic(), None
             hard_deadline = time.monotonic() + 900
             while True:
-                with server.db() as db:
-                    rows = {r["id"]: dict(r) for r in db.execute("SELECT id, status, attempt, error FROM jobs")}
+                rows = {r["id"]: r for r in job_rows(server, database)}
                 pending = [j for j in acknowledged if j in rows and rows[j]["status"] not in FINISHED]
                 if last_pending is None or len(pending) < last_pending:
                     last_progress, last_pending = time.monotonic(), len(pending)
@@ -187,7 +208,8 @@ def main(argv=None) -> int:
         finally:
             if agents:
                 agents.stop()
-            server.stop()
+            for each in servers:
+                each.stop()
 
         runs = collections.Counter(ran_file.read_text().split())
         missing = [j for j in acknowledged if j not in rows]
