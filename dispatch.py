@@ -7,7 +7,7 @@ on whichever desktop is free, with live output.
 Run:    python dispatch.py [--host HOST] [--port PORT] [--data-dir DIR]       (Python 3.11+)
 Users:  python dispatch.py user add EMAIL --role admin|user [--password-stdin] [--create]
         python dispatch.py user set-password EMAIL [--password-stdin]
-Backup: python dispatch.py backup FILE
+Backup: python dispatch.py backup FILE      (with PostgreSQL: pg_dump, which holds every file too)
 Embed:  web.run_app(create_app(Config.from_env()))
 
 Sections (``grep -n '^# ===' dispatch.py``), in dependency order: calls go down the file,
@@ -55,7 +55,6 @@ import mimetypes
 import os
 import re
 import secrets
-import shutil
 import socket
 import sqlite3
 import struct
@@ -137,6 +136,9 @@ MAX_MISSING_QUERY = 100_000  # hashes one POST /api/blobs/missing may ask about
 MAX_FETCH_BLOBS = 10_000  # blobs one POST /api/blobs/fetch may ask for
 MAX_ARTIFACT_PATTERNS = 100
 BLOB_TOUCH_SECONDS = 86400  # a blob's last use is noted again only once it is this old (TTLs are in days)
+CONTENT_CHUNK_BYTES = 1024 * 1024  # a row of file_chunks (PostgreSQL): what a content costs the server's memory
+PARTIAL_CONTENT_AGE = dt.timedelta(days=1)  # PostgreSQL: a partial content this old has lost its server
+ZIP_TAIL_BYTES = 22 + 0xFFFF + 20 + 56  # a zip's end record and comment, after a ZIP64 locator and end record
 ARTIFACTS_WHEN = ("on_success", "on_failure", "always")
 MAX_ENV_VARS = 100
 MAX_ENV_BYTES = 32 * 1024  # names and values of a job's env together
@@ -464,7 +466,8 @@ def _make_data_dir_private(path: Path) -> None:
 
 
 class DataDirInUse(Exception):
-    """Another server runs on this data dir (SQLite has one server; PostgreSQL may have several)."""
+    """Another ``python dispatch.py`` runs on this data dir (SQLite has one server; PostgreSQL may
+    have several). An embedding program runs its apps as it sees fit."""
 
 
 def _lock_data_dir(path: Path):
@@ -569,15 +572,19 @@ class _SQLite:
     next_seq = "(SELECT COALESCE(MAX(seq), 0) FROM jobs) + 1 + item.key"
     caches_workers = True
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")  # survives kill -9; fsync per checkpoint
-        self._conn.execute("PRAGMA busy_timeout = 5000")
-        self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoint() does it, off the loop
-        self._checkpointer: aiosqlite.Connection | None = None
+    def __init__(self, conn: sqlite3.Connection, checkpointer: aiosqlite.Connection):
+        self._conn = conn
+        self._checkpointer = checkpointer
+
+    @classmethod
+    async def open(cls, path: Path) -> "_SQLite":
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")  # survives kill -9; fsync per checkpoint
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoint() does it, off the loop
+        return cls(conn, await aiosqlite.connect(path, isolation_level=None))
 
     async def all(self, sql: str, params: tuple | dict = ()) -> list[dict]:
         try:
@@ -602,15 +609,14 @@ class _SQLite:
     async def checkpoint(self) -> None:
         """Copy the WAL into the database file and fsync it, in aiosqlite's thread on a connection of
         its own; a busy writer is not waited for (PASSIVE) and the WAL is reset when all is copied."""
-        if self._checkpointer is None:
-            self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
         await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def close(self) -> None:
-        if self._checkpointer is not None:
+        try:
             await self.checkpoint()
+        finally:
             await self._checkpointer.close()
-        self._conn.close()
+            self._conn.close()
 
 
 class _Postgres:
@@ -704,7 +710,11 @@ class _Postgres:
     async def listen(self, on_notify: Callable[[], None]) -> None:
         import asyncpg
         listener = await asyncpg.connect(self.url)
-        await listener.add_listener(EVENTS_CHANNEL, lambda *_: on_notify())
+        try:
+            await listener.add_listener(EVENTS_CHANNEL, lambda *_: on_notify())
+        except BaseException:  # cancelled too: the server stops
+            listener.terminate()
+            raise
         self._listener, self._leading = listener, False  # only now: lead() may use it
 
     async def stop_listening(self) -> None:
@@ -744,6 +754,55 @@ class _Postgres:
         await self.all("DELETE FROM events WHERE at < ?", (before,))
 
 
+class _FileChunks:
+    """The statements of the contents of uploads, blobs and artifacts in PostgreSQL (_DatabaseContents),
+    so that every server serves every file and one pg_dump holds them all: a content is the rows of its
+    key in file_chunks, numbered from 0, each CONTENT_CHUNK_BYTES long but the last."""
+
+    def __init__(self, engine: _Postgres):
+        self._engine = engine
+
+    async def insert(self, key: str, n: int, data: bytes) -> None:
+        """Add a row to a partial content. Its commit waits for no flush to disk (twice as fast): the
+        rename that puts the content in place does wait, for this row too, being later in the log."""
+        await self._engine.all("WITH unflushed AS (SELECT set_config('synchronous_commit', 'off', true))"
+                               " INSERT INTO file_chunks (key, n, data) SELECT ?, ?, ? FROM unflushed", (key, n, data))
+
+    async def rename(self, moves: dict[str, str]) -> None:
+        """Give each partial content (a key of ``moves``) its final key, all in one statement: each
+        is seen whole or not at all. A final key that holds a content already keeps it."""
+        for tries_left in (1, 0):
+            try:
+                await self._engine.all(
+                    "UPDATE file_chunks c SET key = m.final"
+                    " FROM (SELECT unnest(?::text[]) AS partial, unnest(?::text[]) AS final) AS m"
+                    " WHERE c.key = m.partial AND NOT EXISTS (SELECT 1 FROM file_chunks t WHERE t.key = m.final)",
+                    (list(moves), list(moves.values())))
+                return
+            except DuplicateKey:  # another server put one of these in place meanwhile: it holds one now
+                if not tries_left:
+                    raise
+
+    async def chunk(self, key: str, n: int) -> dict | None:
+        """Row ``n`` of a content: its ``data``, and the ``version`` of the content, the transaction that
+        renamed all its rows at once (so a content put again under the same key is another version)."""
+        rows = await self._engine.all("SELECT data, xmin::text AS version FROM file_chunks WHERE key = ? AND n = ?",
+                                      (key, n))
+        return rows[0] if rows else None
+
+    async def present(self, keys: list[str]) -> set[str]:
+        rows = await self._engine.all("SELECT key FROM file_chunks WHERE key = ANY(?) AND n = 0", (keys,))
+        return {row["key"] for row in rows}
+
+    async def delete(self, keys: list[str]) -> None:
+        await self._engine.all("DELETE FROM file_chunks WHERE key = ANY(?)", (keys,))
+
+    async def delete_range(self, first: str, end: str) -> None:
+        """Delete the contents whose keys sort, byte by byte, from ``first`` up to (not including) ``end``."""
+        await self._engine.all('DELETE FROM file_chunks WHERE key COLLATE "C" >= ? AND key COLLATE "C" < ?',
+                               (first, end))
+
+
 def _is_postgres(where: str | Path) -> bool:
     return str(where).startswith(("postgresql://", "postgres://"))
 
@@ -778,7 +837,7 @@ class _Database:
     @classmethod
     async def open(cls, where: str | Path, clock: Optional[Clock] = None):
         """``where``: a SQLite file, or a postgresql:// URL."""
-        engine = await _Postgres.connect(str(where)) if _is_postgres(where) else _SQLite(Path(where))
+        engine = await (_Postgres.connect(str(where)) if _is_postgres(where) else _SQLite.open(Path(where)))
         found = await engine.schema_version()
         if found > SCHEMA_VERSION:
             await engine.close()
@@ -1046,7 +1105,7 @@ class _FileTables(_Database):
         return await self._one("SELECT * FROM files WHERE id = ?", (file_id,))
 
     async def expired_files(self, batch: int = 100) -> list[dict]:
-        return await self._all("SELECT id FROM files WHERE expires_at < ? LIMIT ?", (self._clock.iso(), batch))
+        return await self._all("SELECT id, name FROM files WHERE expires_at < ? LIMIT ?", (self._clock.iso(), batch))
 
     async def delete_file(self, file_id: str) -> None:
         await self._write("DELETE FROM files WHERE id = ?", (file_id,))
@@ -1163,6 +1222,15 @@ class _FileTables(_Database):
                 WHERE {self._HOLDER} RETURNING *""",
             {"id": job["id"], "worker_id": job["worker_id"], "attempt": job["attempt"], "size": None,
              "files": None, "sha256": None, "artifacts_error": None, **artifacts})
+
+    async def forget_artifacts_of_finished_jobs(self, before: str, batch: int = 500) -> list[dict]:
+        """Up to ``batch`` jobs that finished before ``before`` (delete_finished_jobs takes them next)
+        and had artifacts, which they no longer say they have; their ids and last attempts. Their
+        artifacts go first: after the rows, nothing says which attempts there were."""
+        return await self._all(
+            "UPDATE jobs SET artifacts_attempt = NULL WHERE id IN (SELECT id FROM jobs WHERE completed_at < ?"
+            " AND status IN ('completed', 'failed', 'cancelled') AND artifacts_attempt IS NOT NULL LIMIT ?)"
+            " RETURNING id, attempt", (before, batch))
 
 
 # === Storage: jobs ===
@@ -1768,6 +1836,11 @@ def _upload_url(file_id: str, name: str) -> str:
     return UPLOAD_ROUTE.format(file_id=file_id, name=urllib.parse.quote(name))
 
 
+def _upload_key(file_id: str, name: str) -> str:
+    """Where an upload is kept: a folder of its own, under its clean name."""
+    return f"uploads/{file_id}/{name}"
+
+
 _UPLOAD_PATH = re.compile(UPLOAD_ROUTE.format(file_id=f"({FILE_ID_PATTERN.pattern})", name="([^/]+)"))
 
 
@@ -1920,9 +1993,9 @@ def _artifacts_json(job: dict) -> Optional[dict]:
             "size": job["artifacts_size"], "files": job["artifacts_files"], "sha256": job["artifacts_sha256"]}
 
 
-def _artifacts_file(data_path: Path, job_id: str, attempt: int) -> Path:
+def _artifacts_key(job_id: str, attempt: int) -> str:
     """Where an attempt's artifacts zip is kept (job ids are ``job-<hex>``: safe as file names)."""
-    return data_path / "artifacts" / f"{job_id}.{attempt}.zip"
+    return f"artifacts/{job_id}.{attempt}.zip"
 
 
 def job_event(job: dict) -> dict:
@@ -2355,77 +2428,250 @@ def _not_holder() -> Conflict:
                     code="NOT_JOB_HOLDER")
 
 
-# === Domain: blobs and artifacts on disk ===
+# === Domain: the contents of uploads, blobs and artifacts ===
+
+# Contents are kept under keys that are paths: ``uploads/<file id>/<name>``, ``blobs/<ab>/<sha256>``,
+# ``artifacts/<job id>.<attempt>.zip``. With SQLite they are files at those paths in the data dir
+# (_DiskContents); with PostgreSQL, rows of file_chunks under those keys (_DatabaseContents), which
+# every server can serve. Both have the same methods; app[CONTENTS] is the one in use.
+
+
+class ContentGone(Exception):
+    """A stored content went (swept, or put again under its key) while it was read."""
 
 
 class _Receiver:
-    """A file arriving in chunks: written to a partial file in ``folder`` (never whole in memory),
-    hashed and counted on the way, and refused past ``limit`` bytes. Moved into place by ``keep``;
-    ``discard`` removes what is left (call it in a ``finally``)."""
+    """A content arriving in chunks, to be kept under ``key``: counted and hashed on the way, refused
+    past ``limit`` bytes, and stored as it comes (never whole in memory) as a partial file or partial
+    rows. The contents' ``keep`` puts it in place; ``discard`` removes what is left (call it in a
+    ``finally``). With ``tail``, its last ``tail`` bytes are kept at hand (a zip's end record)."""
 
-    def __init__(self, folder: Path, limit: int, too_large: Callable[[], DispatchError]):
-        self.path = folder / f".{uuid.uuid4().hex}.partial"
-        self._limit, self._too_large = limit, too_large
-        self._out = open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+    def __init__(self, key: str, limit: int, too_large: Callable[[], DispatchError], tail: int = 0):
+        self.key = key
+        self._limit, self._too_large, self._tail_size = limit, too_large, tail
         self._hash = hashlib.sha256()
         self.size = 0
+        self.tail = bytearray()
 
-    def write(self, chunk: bytes) -> None:
+    async def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self._limit:
             raise self._too_large()
         self._hash.update(chunk)
-        self._out.write(chunk)
+        if self._tail_size:
+            self.tail += chunk
+            del self.tail[:-self._tail_size]
+        await self._store(chunk)
 
-    def finish(self) -> None:
-        """All of it has arrived: close the file (a batch of many blobs holds no descriptor per blob)."""
-        self._out.close()
+    async def _store(self, chunk: bytes) -> None:
+        raise NotImplementedError
 
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
 
-    def keep(self, target: Path | str) -> None:
-        self.finish()
-        try:
-            os.replace(self.path, target)
-        except FileNotFoundError:  # its folder is not there yet
-            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-            os.replace(self.path, target)
 
-    def discard(self) -> None:
-        self.finish()
-        self.path.unlink(missing_ok=True)
+class _PartialFile(_Receiver):
+    """A content arriving into a hidden partial file in ``folder``."""
+
+    def __init__(self, folder: str, key: str, limit: int, too_large: Callable[[], DispatchError], tail: int = 0):
+        super().__init__(key, limit, too_large, tail)
+        self.path = os.path.join(folder, f".{uuid.uuid4().hex}.partial")
+        self._out = open(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
+
+    async def _store(self, chunk: bytes) -> None:
+        self._out.write(chunk)
+
+    async def finish(self) -> None:
+        """All of it has arrived: close the file (a batch of many blobs holds no descriptor per blob)."""
+        self._out.close()
+
+    async def discard(self) -> None:
+        self._out.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class _DiskContents:
+    """Contents as files in the data dir (SQLite mode), each one put in place by a rename."""
+
+    def __init__(self, root: Path):
+        self._root = os.fspath(root)  # paths are joined as text: 100,000 Path objects cost a second
+
+    def file_path(self, key: str) -> Optional[str]:
+        """The file that holds a content, for aiohttp to send as it sends files."""
+        return os.path.join(self._root, key)
+
+    def receiver(self, key: str, limit: int, too_large: Callable[[], DispatchError], tail: int = 0) -> _PartialFile:
+        # In its kind's folder: on the file system of its place, so that keeping it is a rename.
+        return _PartialFile(os.path.join(self._root, key.split("/", 1)[0]), key, limit, too_large, tail)
+
+    async def keep(self, receivers: list[_PartialFile], replace: bool = True) -> None:
+        """Put received contents in place under their keys. ``replace``: a content already under a
+        key is replaced (an attempt that sends its artifacts again); else it may stay (a blob's key is
+        its hash: it is the same)."""
+        for receiver in receivers:
+            await receiver.finish()
+            target = self.file_path(receiver.key)
+            try:
+                os.replace(receiver.path, target)
+            except FileNotFoundError:  # its folder is not there yet
+                os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                os.replace(receiver.path, target)
+
+    async def missing(self, keys: list[str]) -> set[str]:
+        """Of ``keys``, those that hold no content."""
+        return {key for key in keys if not os.path.isfile(self.file_path(key))}
+
+    async def read(self, key: str, size: int):
+        """A content's bytes, a piece at a time (``size``: what its record says it holds)."""
+        try:
+            file = open(self.file_path(key), "rb")
+        except FileNotFoundError:
+            raise ContentGone(key) from None
+        with file:
+            while piece := file.read(256 * 1024):
+                yield piece
+
+    async def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            path = self.file_path(key)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            if key.count("/") == 2:  # an upload's own folder, a blob's <ab>: it goes once empty
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(path))
+
+    async def clean(self) -> None:
+        """At start: remove what the previous process did not finish receiving."""
+        for leftover in Path(self._root).glob("*/.*.partial"):
+            leftover.unlink()
+
+
+class _PartialChunks(_Receiver):
+    """A content arriving into file_chunks under a partial key of its own, a row each
+    CONTENT_CHUNK_BYTES. One row is on its way to the database while the next one arrives (twice
+    as fast as taking turns); that, and the one arriving, is all that is ever in memory."""
+
+    def __init__(self, chunks: _FileChunks, partial: str, key: str, limit: int,
+                 too_large: Callable[[], DispatchError], tail: int = 0):
+        super().__init__(key, limit, too_large, tail)
+        self._chunks, self.partial = chunks, partial
+        self._pending = bytearray()
+        self._rows = 0
+        self._inserting: Optional[asyncio.Future] = None
+        self.kept = False
+
+    async def _store(self, chunk: bytes) -> None:
+        self._pending += chunk
+        while len(self._pending) >= CONTENT_CHUNK_BYTES:
+            await self._insert(bytes(self._pending[:CONTENT_CHUNK_BYTES]))
+            del self._pending[:CONTENT_CHUNK_BYTES]
+
+    async def finish(self) -> None:
+        if self._pending or not self._rows:  # an empty content is one empty row: row 0 says it is there
+            await self._insert(bytes(self._pending))
+            self._pending.clear()
+        await self._inserted()
+
+    async def _insert(self, data: bytes) -> None:
+        await self._inserted()
+        self._inserting = asyncio.ensure_future(self._chunks.insert(self.partial, self._rows, data))
+        self._rows += 1
+
+    async def _inserted(self) -> None:
+        """Wait for the row on its way (its error, if it failed, is raised here)."""
+        inserting, self._inserting = self._inserting, None
+        if inserting is not None:
+            await inserting
+
+    async def discard(self) -> None:
+        if not self.kept:
+            with contextlib.suppress(Exception):  # it fails as the request did: its row must not come after
+                await self._inserted()
+            with contextlib.suppress(DatabaseUnavailable):  # then clean() takes it, a day later
+                await self._chunks.delete([self.partial])
+
+
+class _DatabaseContents:
+    """Contents as rows of file_chunks in PostgreSQL, the same for every server. A content arrives
+    under a partial key (``partial/<when it began>/<random>``) and is put in place by renaming its
+    rows in one statement, so no server ever sees a part of one; what a failed request leaves is
+    deleted by its ``discard``, what a dead server left by ``clean`` a day later."""
+
+    _PARTIAL = "partial/"
+
+    def __init__(self, chunks: _FileChunks, clock: Clock):
+        self._chunks, self._clock = chunks, clock
+
+    def file_path(self, key: str) -> Optional[str]:
+        return None  # rows, not a file: sent as they are read (_ContentResponse)
+
+    def receiver(self, key: str, limit: int, too_large: Callable[[], DispatchError], tail: int = 0) -> _PartialChunks:
+        partial = f"{self._PARTIAL}{self._clock.iso()}/{uuid.uuid4().hex}"
+        return _PartialChunks(self._chunks, partial, key, limit, too_large, tail)
+
+    async def keep(self, receivers: list[_PartialChunks], replace: bool = True) -> None:
+        """As _DiskContents.keep, all of them at once."""
+        for receiver in receivers:
+            await receiver.finish()
+        first_by_key = {receiver.key: receiver for receiver in reversed(receivers)}
+        if replace:  # a reader of the one there stops (ContentGone) rather than mix the two
+            await self._chunks.delete(list(first_by_key))
+        await self._chunks.rename({receiver.partial: key for key, receiver in first_by_key.items()})
+        await self._chunks.delete([receiver.partial for receiver in receivers])  # those not moved
+        for receiver in receivers:
+            receiver.kept = True
+
+    async def missing(self, keys: list[str]) -> set[str]:
+        present = await self._chunks.present(keys)
+        return {key for key in keys if key not in present}
+
+    async def read(self, key: str, size: int):
+        """A content's bytes, a row at a time; ContentGone if its rows go or change meanwhile."""
+        version = None
+        for n in range(math.ceil(size / CONTENT_CHUNK_BYTES)):
+            row = await self._chunks.chunk(key, n)
+            if row is None or version not in (None, row["version"]):
+                raise ContentGone(key)
+            version = row["version"]
+            yield row["data"]
+
+    async def delete(self, keys: list[str]) -> None:
+        if keys:
+            await self._chunks.delete(keys)
+
+    async def clean(self) -> None:
+        """Remove the partial contents a day old: their servers died (the other servers' newer ones are
+        still arriving)."""
+        await self._chunks.delete_range(self._PARTIAL, self._PARTIAL + self._clock.iso(
+            -PARTIAL_CONTENT_AGE.total_seconds()))
 
 
 class Blobs:
-    """File contents by their SHA-256, in ``<data dir>/blobs/<first two hex digits>/<sha256>``; who
-    sent each one is in the database. A blob is put in place only once its content's hash matches
-    its name, so a stored blob is always what its name says."""
+    """File contents by their SHA-256, kept under ``blobs/<first two hex digits>/<sha256>``; who sent
+    each one is in the database. A blob is put in place only once its content's hash matches its
+    name, so a stored blob is always what its name says."""
 
-    def __init__(self, store: Store, root: Path, max_bytes: int):
+    def __init__(self, store: Store, contents: _DiskContents | _DatabaseContents, max_bytes: int):
         self._store = store
-        self.root = root
-        self._root = os.fspath(root)  # paths are joined as text: 100,000 Path objects cost a second
+        self._contents = contents
         self.max_bytes = max_bytes
 
-    def path(self, sha256: str) -> str:
-        return os.path.join(self._root, sha256[:2], sha256)
+    @staticmethod
+    def key(sha256: str) -> str:
+        return f"blobs/{sha256[:2]}/{sha256}"
 
-    def receiver(self, too_large: Callable[[], DispatchError]) -> _Receiver:
-        return _Receiver(self.root, self.max_bytes, too_large)
-
-
-    def clean(self) -> None:
-        for leftover in self.root.glob(".*.partial"):
-            leftover.unlink()  # a blob the previous process did not finish receiving
+    def receiver(self, sha256: str, too_large: Callable[[], DispatchError]) -> _Receiver:
+        return self._contents.receiver(self.key(sha256), self.max_bytes, too_large)
 
     async def missing(self, principal: Principal, hashes: list[str]) -> list[str]:
         """Of ``hashes``, those the caller must send before naming them in a job: not stored, or not
         theirs (an admin may use any stored blob). The others count as used now."""
         wanted = list(dict.fromkeys(hashes))
         usable = await self._store.touch_usable_blobs(wanted, None if principal.is_admin else principal.id)
-        return [h for h in wanted if h not in usable or not os.path.isfile(self.path(h))]
+        gone = await self._contents.missing([self.key(h) for h in wanted if h in usable])
+        return [h for h in wanted if h not in usable or self.key(h) in gone]
 
     async def keep(self, principal: Principal, received: list[tuple[str, _Receiver]]) -> None:
         """Put received blobs in place, each checked against the hash it was sent as, and record the
@@ -2434,35 +2680,27 @@ class Blobs:
             if receiver.sha256 != sha256:
                 raise InvalidFile(f"The content sent as blob {sha256} has the SHA-256 {receiver.sha256}: "
                                   "nothing was stored", code="BLOB_HASH_MISMATCH", details={"sha256": sha256})
-        for sha256, receiver in received:
-            receiver.keep(self.path(sha256))
+        await self._contents.keep([receiver for _, receiver in received], replace=False)
         await self._store.add_blobs([{"sha256": h, "size": r.size} for h, r in received], principal.id)
 
-    def sweep(self, hashes: list[str]) -> None:
-        """Remove the files of blobs whose records the sweep deleted."""
-        for sha256 in hashes:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path(sha256))
+    async def sweep(self, hashes: list[str]) -> None:
+        """Remove the contents of blobs whose records the sweep deleted."""
+        await self._contents.delete([self.key(sha256) for sha256 in hashes])
 
 
-def _zip_entry_count(path: Path) -> Optional[int]:
-    """How many entries the zip at ``path`` says it holds, from its end record (ZIP64 too), read
-    without loading its directory; None if it is not a zip."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        start = max(0, size - 22 - 0xFFFF)  # the end record, then a comment of up to 64 KiB
-        f.seek(start)
-        tail = f.read()
-        at = tail.rfind(b"PK\5\6")
-        if at < 0 or len(tail) - at < 22:
-            return None
-        entries = struct.unpack_from("<H", tail, at + 10)[0]
-        if entries == 0xFFFF and at >= 20 and tail[at - 20:at - 16] == b"PK\6\7":
-            f.seek(struct.unpack_from("<Q", tail, at - 12)[0])
-            record = f.read(56)
-            if len(record) == 56 and record.startswith(b"PK\6\6"):
-                entries = struct.unpack_from("<Q", record, 32)[0]
-        return entries
+def _zip_entry_count(tail: bytes, size: int) -> Optional[int]:
+    """How many entries a zip of ``size`` bytes says it holds, from its end record (ZIP64 too) in
+    ``tail``, its last ZIP_TAIL_BYTES, without loading its directory; None if it is not a zip."""
+    at = tail.rfind(b"PK\5\6")
+    if at < 0 or len(tail) - at < 22:
+        return None
+    entries = struct.unpack_from("<H", tail, at + 10)[0]
+    if entries == 0xFFFF and at >= 20 and tail[at - 20:at - 16] == b"PK\6\7":
+        start = struct.unpack_from("<Q", tail, at - 12)[0] - (size - len(tail))  # where the tail begins
+        record = tail[start:start + 56] if start >= 0 else b""
+        if len(record) == 56 and record.startswith(b"PK\6\6"):
+            entries = struct.unpack_from("<Q", record, 32)[0]
+    return entries
 
 
 # === Events: the queue bell, the event hub, metrics ===
@@ -2815,6 +3053,7 @@ CLOCK = web.AppKey("clock", Clock)
 STORE = web.AppKey("store", Store)
 JOBS = web.AppKey("jobs", Jobs)
 BLOBS = web.AppKey("blobs", Blobs)
+CONTENTS = web.AppKey("contents", _DiskContents | _DatabaseContents)  # of uploads, blobs, artifacts
 TOKENS = web.AppKey("tokens", Tokens)
 BELL = web.AppKey("bell", QueueBell)
 HUB = web.AppKey("hub", EventHub)
@@ -3752,13 +3991,44 @@ async def _follow(response: web.StreamResponse, feed: Feed, job: dict, jobs: Job
     await response.write_eof()
 
 
+class _ContentResponse(web.StreamResponse):
+    """Stored contents ((key, size) each), one after the other, sent as they are read: never whole in
+    memory. A content that goes meanwhile (swept, or sent again by its attempt) cuts the answer
+    short and closes the connection: the client sees it incomplete, never mixed."""
+
+    def __init__(self, contents: _DiskContents | _DatabaseContents, parts: list[tuple[str, int]], headers: dict):
+        super().__init__(headers=headers)
+        self.content_length = sum(size for _, size in parts)
+        self._contents, self._parts = contents, parts
+
+    async def prepare(self, request: web.BaseRequest):
+        writer = await super().prepare(request)
+        if request.method == "HEAD":
+            return writer
+        try:
+            for key, size in self._parts:
+                async for piece in self._contents.read(key, size):
+                    await self.write(piece)
+        except (ContentGone, DatabaseUnavailable) as exc:
+            log.warning("%s %s cut short: %s", request.method, request.path, exc)
+            raise ConnectionResetError(str(exc)) from None  # aiohttp closes the connection, quietly
+        return writer
+
+
+def _content_response(contents: _DiskContents | _DatabaseContents, key: str, size: int,
+                      headers: dict) -> web.StreamResponse:
+    """A stored content as the answer: a file as aiohttp sends files (sendfile, ranges), rows as
+    they are read."""
+    path = contents.file_path(key)
+    return web.FileResponse(path, headers=headers) if path else _ContentResponse(contents, [(key, size)], headers)
+
+
 async def artifacts_upload_view(request: web.Request) -> web.Response:
     """A worker sends the artifacts zip of the attempt it holds, before its result: multipart
-    fields ``jobId`` and ``attempt``, then ``file``. Streamed to disk; past DISPATCH_MAX_ARTIFACT_MB it
-    is refused (413) and the job's result will say so."""
+    fields ``jobId`` and ``attempt``, then ``file``. Stored as it arrives; past DISPATCH_MAX_ARTIFACT_MB
+    it is refused (413) and the job's result will say so."""
     worker = _worker(request)
-    config, jobs = request.app[CONFIG], request.app[JOBS]
-    folder = config.data_path / "artifacts"
+    config, jobs, contents = request.app[CONFIG], request.app[JOBS], request.app[CONTENTS]
     receiver: Optional[_Receiver] = None
     with _receiving(request):
         try:
@@ -3769,45 +4039,42 @@ async def artifacts_upload_view(request: web.Request) -> web.Response:
                 raise _invalid_field("jobId", "jobId is required (a field before the file)")
             if attempt is not None and not re.fullmatch(r"[1-9][0-9]{0,8}", attempt):
                 raise _invalid_field("attempt", "attempt must be a whole number from 1")
-            attempt = attempt and int(attempt)
-            await jobs.held(worker, job_id, attempt)  # before a byte of the file is stored
+            # Before a byte of the file is stored; the attempt it belongs to from now on.
+            attempt = (await jobs.held(worker, job_id, attempt and int(attempt)))["attempt"]
             too_big = (f"artifacts too big: more than {config.max_artifact_mb} MB (DISPATCH_MAX_ARTIFACT_MB); "
                        "none were kept")
-            receiver = _Receiver(folder, config.max_artifact_mb * 1024 * 1024,
-                                 lambda: PayloadTooLarge(too_big, code="ARTIFACTS_TOO_LARGE"))
+            receiver = contents.receiver(_artifacts_key(job_id, attempt), config.max_artifact_mb * 1024 * 1024,
+                                         lambda: PayloadTooLarge(too_big, code="ARTIFACTS_TOO_LARGE"),
+                                         tail=ZIP_TAIL_BYTES)
             try:
                 await _receive_part(request, part, receiver)
             except PayloadTooLarge:
                 with contextlib.suppress(DispatchError):
                     await jobs.record_artifacts(worker, job_id, attempt, {"artifacts_error": too_big})
                 raise
-            receiver.finish()
-            files = await asyncio.to_thread(_zip_entry_count, receiver.path)
+            files = _zip_entry_count(receiver.tail, receiver.size)
             if files is None:
                 raise InvalidFile("The artifacts file is not a zip", code="NOT_A_ZIP")
-            held = await jobs.held(worker, job_id, attempt)
-            target = _artifacts_file(config.data_path, job_id, held["attempt"])
-            receiver.keep(target)
+            await jobs.held(worker, job_id, attempt)
+            await contents.keep([receiver])  # in place of what the attempt sent before, if it sends again
             try:
-                job = await jobs.record_artifacts(worker, job_id, held["attempt"],
+                job = await jobs.record_artifacts(worker, job_id, attempt,
                                                   {"size": receiver.size, "files": files, "sha256": receiver.sha256})
             except DispatchError:
-                target.unlink(missing_ok=True)
+                await contents.delete([receiver.key])
                 raise
         except (ValueError, AssertionError, KeyError, HttpProcessingError):
             raise InvalidFile("Expected multipart/form-data with the fields jobId and attempt, then file",
                               code="MALFORMED_UPLOAD") from None
         finally:
             if receiver is not None:
-                receiver.discard()
-    for earlier in folder.glob(f"{job_id}.*.zip"):
-        if earlier != target:
-            earlier.unlink(missing_ok=True)  # an earlier attempt's
+                await receiver.discard()
+    await contents.delete([_artifacts_key(job_id, earlier) for earlier in range(1, attempt)])  # no longer shown
     request.app[METRICS].upload_bytes.inc(receiver.size)
     return _json({"success": True, "jobId": job_id, "artifacts": _artifacts_json(job)}, status=201)
 
 
-async def artifacts_download_view(request: web.Request) -> web.FileResponse:
+async def artifacts_download_view(request: web.Request) -> web.StreamResponse:
     """The artifacts zip of a job's current attempt: its owner and admins only."""
     principal = _user(request)
     job_id = request.query.get("jobId")
@@ -3816,12 +4083,12 @@ async def artifacts_download_view(request: web.Request) -> web.FileResponse:
     job = await request.app[JOBS].find(job_id)
     if job["submitted_by"] != principal.id and not principal.is_admin:
         raise Forbidden("Only the job's owner or an admin may download its artifacts")
-    path = _artifacts_file(request.app[CONFIG].data_path, job["id"], job["attempt"])
-    if _artifacts_json(job) is None or not path.is_file():
+    contents, key = request.app[CONTENTS], _artifacts_key(job["id"], job["attempt"])
+    if _artifacts_json(job) is None or await contents.missing([key]):
         why = job["artifacts_error"] if job["artifacts_attempt"] == job["attempt"] else None
         raise NotFound(f"This job has no artifacts{': ' + why if why else ''}", code="NO_ARTIFACTS")
-    return web.FileResponse(path, headers={"Content-Type": "application/zip",
-                                           "Content-Disposition": f'attachment; filename="{job["id"]}-artifacts.zip"'})
+    return _content_response(contents, key, job["artifacts_size"], {
+        "Content-Type": "application/zip", "Content-Disposition": f'attachment; filename="{job["id"]}-artifacts.zip"'})
 
 
 def _hash_list(value: Any, field: str, limit: int) -> list[str]:
@@ -3841,7 +4108,7 @@ async def blobs_missing_view(request: web.Request) -> web.Response:
 
 async def blob_put_view(request: web.Request) -> web.Response:
     """Store one blob: the body is the content, refused unless its SHA-256 is the one in the path.
-    Streamed to disk; the upload size limit applies."""
+    Stored as it arrives; the upload size limit applies."""
     principal = _user(request)
     sha256 = request.match_info["sha256"]
     if not SHA256_PATTERN.fullmatch(sha256):
@@ -3849,14 +4116,14 @@ async def blob_put_view(request: web.Request) -> web.Response:
     config, blobs = request.app[CONFIG], request.app[BLOBS]
     if request.content_length is not None and request.content_length > blobs.max_bytes:
         raise _too_large(config)
-    receiver = blobs.receiver(lambda: _too_large(config))
+    receiver = blobs.receiver(sha256, lambda: _too_large(config))
     with _receiving(request):
         try:
             while chunk := await _in_time(request, request.content.readany()):
-                receiver.write(chunk)
+                await receiver.write(chunk)
             await blobs.keep(principal, [(sha256, receiver)])
         finally:
-            receiver.discard()
+            await receiver.discard()
     request.app[METRICS].upload_bytes.inc(receiver.size)
     return _json({"success": True, "sha256": sha256, "size": receiver.size}, status=201)
 
@@ -3884,15 +4151,16 @@ async def blobs_batch_view(request: web.Request) -> web.Response:
                 left = int(header[2])
                 if left > blobs.max_bytes:
                     raise _too_large(config)
-                receiver = blobs.receiver(lambda: _too_large(config))
-                received.append((header[1].decode(), receiver))
+                sha256 = header[1].decode()
+                receiver = blobs.receiver(sha256, lambda: _too_large(config))
+                received.append((sha256, receiver))
                 while left:
                     chunk = await _in_time(request, body.read(min(left, 256 * 1024)))
                     if not chunk:
                         raise InvalidFile("The body ended inside a blob", code="TRUNCATED_UPLOAD")
-                    receiver.write(chunk)
+                    await receiver.write(chunk)
                     left -= len(chunk)
-                receiver.finish()
+                await receiver.finish()
             if not received:
                 raise InvalidFile("No blobs: send a line '<sha256> <size>' and the content for each",
                                   code="MISSING_FILE")
@@ -3901,7 +4169,7 @@ async def blobs_batch_view(request: web.Request) -> web.Response:
             raise InvalidFile("Each blob starts with a line '<sha256> <size>'", code="MALFORMED_UPLOAD") from None
         finally:
             for _, receiver in received:
-                receiver.discard()
+                await receiver.discard()
     size = sum(receiver.size for _, receiver in received)
     request.app[METRICS].upload_bytes.inc(size)
     return _json({"success": True, "stored": len(received), "size": size}, status=201)
@@ -3920,19 +4188,13 @@ async def blobs_fetch_view(request: web.Request) -> web.StreamResponse:
     sizes = await request.app[STORE].blobs_of_held_job(worker.id, job_id, attempt, hashes)
     if sizes is None:
         raise Forbidden("A worker may fetch only blobs of the input tree of a job it holds")
-    blobs = request.app[BLOBS]
-    for sha256 in hashes:
-        if not os.path.isfile(blobs.path(sha256)):
+    contents, keys = request.app[CONTENTS], [Blobs.key(sha256) for sha256 in hashes]
+    gone = await contents.missing(keys)
+    for sha256, key in zip(hashes, keys):
+        if key in gone:
             raise NotFound(f"Blob {sha256} is missing on the server: submit the job again", code="BLOB_MISSING")
-    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-    response.content_length = sum(sizes[sha256] for sha256 in hashes)
-    await response.prepare(request)
-    for sha256 in hashes:
-        with open(blobs.path(sha256), "rb") as f:
-            while chunk := f.read(256 * 1024):
-                await response.write(chunk)
-    await response.write_eof()
-    return response
+    return _ContentResponse(contents, [(key, sizes[sha256]) for sha256, key in zip(hashes, keys)],
+                            {"Content-Type": "application/octet-stream"})
 
 
 @contextlib.contextmanager
@@ -3967,7 +4229,7 @@ async def _fields_before_file(request: web.Request, reader, names: tuple[str, ..
 
 async def _receive_part(request: web.Request, part, receiver: _Receiver) -> None:
     while chunk := await _in_time(request, part.read_chunk(256 * 1024)):
-        receiver.write(chunk)
+        await receiver.write(chunk)
     if not part.at_eof():  # the body ended inside the part: keeping it would keep a truncated file
         raise InvalidFile("The upload ended before the file did", code="TRUNCATED_UPLOAD")
 
@@ -4020,66 +4282,50 @@ def _is_loopback(address: str | None) -> bool:
 
 
 async def upload_view(request: web.Request) -> web.Response:
-    """Stream a multipart ``file`` to disk, never whole in memory. Over the limit, cut short or
+    """Store a multipart ``file`` as it arrives, never whole in memory. Over the limit, cut short or
     malformed, it is refused and nothing is kept."""
     principal = _user(request)
-    config = request.app[CONFIG]
+    config, contents = request.app[CONFIG], request.app[CONTENTS]
     limit = config.max_upload_mb * 1024 * 1024
     if request.content_length is not None and request.content_length > limit + 64 * 1024:
         raise _too_large(config)
     file_id = _new_id("file")
-    uploads = config.data_path / "uploads"
-    partial = uploads / f".{file_id}.partial"
-    # aiohttp reads no more request bodies once shutdown begins, so a stop abandons this upload
-    uploading = request.app[UPLOADS_IN_PROGRESS]
-    uploading.add(asyncio.current_task())
-    try:
-        name, size, sha256 = await _receive_upload(request, partial, config)
-        now = request.app[CLOCK].now()
-        record = {"id": file_id, "name": name, "size": size, "sha256": sha256, "owner_id": principal.id,
-                  "uploaded_at": _iso(now), "expires_at": _iso(now + dt.timedelta(days=config.file_ttl_days))}
-        await _keep_upload(request.app[STORE], partial, uploads / file_id, record)
-    except (ValueError, AssertionError, KeyError, HttpProcessingError):
-        raise InvalidFile("Expected multipart/form-data with a 'file' field", code="MALFORMED_UPLOAD") from None
-    finally:
-        uploading.discard(asyncio.current_task())
-        partial.unlink(missing_ok=True)
-    request.app[METRICS].upload_bytes.inc(size)
-    return _json({"success": True, "fileId": file_id, "filename": name, "size": size, "sha256": sha256,
-                  "uploadedAt": record["uploaded_at"], "url": _upload_url(file_id, name),
+    receiver: Optional[_Receiver] = None
+    with _receiving(request):
+        try:
+            part = await _in_time(request, _next_file_field(await request.multipart()))
+            name = _safe_filename(part.filename)
+            receiver = contents.receiver(_upload_key(file_id, name), limit, lambda: _too_large(config))
+            await _receive_part(request, part, receiver)
+            now = request.app[CLOCK].now()
+            record = {"id": file_id, "name": name, "size": receiver.size, "sha256": receiver.sha256,
+                      "owner_id": principal.id, "uploaded_at": _iso(now),
+                      "expires_at": _iso(now + dt.timedelta(days=config.file_ttl_days))}
+            await _keep_upload(request.app[STORE], contents, receiver, record)
+        except (ValueError, AssertionError, KeyError, HttpProcessingError):
+            raise InvalidFile("Expected multipart/form-data with a 'file' field", code="MALFORMED_UPLOAD") from None
+        finally:
+            if receiver is not None:
+                await receiver.discard()
+    request.app[METRICS].upload_bytes.inc(receiver.size)
+    return _json({"success": True, "fileId": file_id, "filename": name, "size": receiver.size,
+                  "sha256": receiver.sha256, "uploadedAt": record["uploaded_at"], "url": _upload_url(file_id, name),
                   "expiresAt": record["expires_at"]}, status=201)
 
 
-async def _keep_upload(store: Store, partial: Path, folder: Path, record: dict) -> None:
-    """Move a received file into its own folder and record it: all of that, or nothing (no folder
-    and no file without a record)."""
+async def _keep_upload(store: Store, contents: _DiskContents | _DatabaseContents, receiver: _Receiver,
+                       record: dict) -> None:
+    """Put a received file in place and record it: both, or neither (no content without a record)."""
+    await contents.keep([receiver])
     try:
-        folder.mkdir(mode=0o700)
-        partial.rename(folder / record["name"])
         await store.insert_file(record)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        await contents.delete([receiver.key])
         raise
 
 
 def _too_large(config: Config) -> InvalidFile:
     return InvalidFile(f"File size exceeds {config.max_upload_mb}MB limit", code="FILE_TOO_LARGE")
-
-
-async def _receive_upload(request: web.Request, partial: Path, config: Config) -> tuple[str, int, str]:
-    """Write the form field ``file`` to ``partial``; returns (clean name, size, sha256)."""
-    field = await _in_time(request, _next_file_field(await request.multipart()))
-    digest, size = hashlib.sha256(), 0
-    with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-        while chunk := await _in_time(request, field.read_chunk(256 * 1024)):
-            size += len(chunk)
-            if size > config.max_upload_mb * 1024 * 1024:
-                raise _too_large(config)
-            digest.update(chunk)
-            out.write(chunk)
-    if not field.at_eof():  # the body ended inside the file: keeping it would keep a truncated zip
-        raise InvalidFile("The upload ended before the file did", code="TRUNCATED_UPLOAD")
-    return _safe_filename(field.filename), size, digest.hexdigest()
 
 
 async def _next_file_field(reader) -> Any:
@@ -4104,12 +4350,12 @@ async def download_view(request: web.Request) -> web.StreamResponse:
                else _file_is_readable_by(principal, record))
     if not allowed:
         raise Forbidden("Permission denied")
-    path = request.app[CONFIG].data_path / "uploads" / file_id / record["name"]
-    if not path.is_file():
+    contents, key = request.app[CONTENTS], _upload_key(file_id, record["name"])
+    if await contents.missing([key]):
         raise NotFound("File not found")
     content_type = mimetypes.guess_type(record["name"])[0] or "application/octet-stream"
     quoted = urllib.parse.quote(record["name"])
-    return web.FileResponse(path, headers={
+    return _content_response(contents, key, record["size"], {
         "Content-Type": content_type,
         "Content-Disposition": f"attachment; filename=\"{record['name']}\"; filename*=UTF-8''{quoted}"})
 
@@ -4124,9 +4370,6 @@ async def _storage_ctx(app: web.Application):
     create the first admin on first start."""
     config = app[CONFIG]
     _make_data_dir_private(config.data_path)
-    lock = None if config.database_url else _lock_data_dir(config.data_path)
-    for leftover in (config.data_path / "uploads").glob(".*.partial"):
-        leftover.unlink()  # an upload the previous process did not finish
     app[STORE] = store = await Store.open(config.database, app[CLOCK])
     app[REGISTRATION] = RegistrationToken(config, store)
     await app[REGISTRATION].load()
@@ -4137,10 +4380,10 @@ async def _storage_ctx(app: web.Application):
         app[CLUSTER] = Cluster(store.engine, app[HUB], app[BELL], app[CLOCK])
     app[ANNOUNCER] = Announcer(app[HUB], app[BELL], app[METRICS], app[CLUSTER])
     app[JOBS] = Jobs(store, config, app[CLOCK], app[ANNOUNCER])
-    app[BLOBS] = Blobs(store, config.data_path / "blobs", config.max_upload_mb * 1024 * 1024)
-    app[BLOBS].clean()
-    for leftover in (config.data_path / "artifacts").glob(".*.partial"):
-        leftover.unlink()  # artifacts the previous process did not finish receiving
+    app[CONTENTS] = contents = (_DatabaseContents(_FileChunks(store.engine), app[CLOCK]) if config.database_url
+                                else _DiskContents(config.data_path))
+    await contents.clean()
+    app[BLOBS] = Blobs(store, contents, config.max_upload_mb * 1024 * 1024)
     if await store.count_users() == 0:
         password = config.admin_password or secrets.token_urlsafe(12)
         with contextlib.suppress(Conflict):  # another server starting on the same database came first
@@ -4148,8 +4391,6 @@ async def _storage_ctx(app: web.Application):
             app[FIRST_ADMIN] = (config.admin_email, "" if config.admin_password else password)
     yield
     await store.close()
-    if lock is not None:
-        lock.close()
 
 
 async def _sweeper_ctx(app: web.Application):
@@ -4185,29 +4426,24 @@ async def _sweeper_ctx(app: web.Application):
 
 
 async def _sweep_storage(app: web.Application) -> None:
-    store, uploads = app[STORE], app[CONFIG].data_path / "uploads"
+    store, contents = app[STORE], app[CONTENTS]
     now = app[CLOCK].now()
     while expired := await store.expired_files():
+        await contents.delete([_upload_key(record["id"], record["name"]) for record in expired])
         for record in expired:
-            folder = uploads / record["id"]
-            for path in folder.glob("*"):
-                path.unlink()
-            if folder.exists():
-                folder.rmdir()
             await store.delete_file(record["id"])
     await store.purge_revoked_tokens(int(now.timestamp()))
     await app[JOBS].forget_silent_workers(app[CONFIG].worker_retention_days)
     await store.forget_events(_iso(now - EVENTS_KEPT))
     old = _iso(now - dt.timedelta(days=app[CONFIG].job_retention_days))
-    artifacts = app[CONFIG].data_path / "artifacts"
-    while deleted := await store.delete_finished_jobs(old):
-        for job_id in deleted:  # artifacts expire with their job
-            for path in artifacts.glob(f"{job_id}.*.zip"):
-                path.unlink(missing_ok=True)
+    while expiring := await store.forget_artifacts_of_finished_jobs(old):  # artifacts expire with their job
+        await contents.delete([_artifacts_key(job["id"], attempt) for job in expiring
+                               for attempt in range(1, job["attempt"] + 1)])
+    while await store.delete_finished_jobs(old):
         await asyncio.sleep(0)  # small batches, so requests go on in between
     unused = _iso(now - dt.timedelta(days=app[CONFIG].file_ttl_days))
     while swept := await store.expire_trees_and_blobs(unused):
-        app[BLOBS].sweep(swept)
+        await app[BLOBS].sweep(swept)
         await asyncio.sleep(0)
 
 
@@ -4303,6 +4539,7 @@ def _build_parser() -> argparse.ArgumentParser:
   user set-password EMAIL [--password-stdin]
                                  set a user's password (a lost first admin's, say)
   backup FILE                    a consistent copy of the database, safe while the server runs
+                                 (SQLite; with PostgreSQL, pg_dump backs up everything)
 
 environment variables (flags win over them):
 {env_help}""",
@@ -4375,6 +4612,10 @@ async def _user_command(config: Config, args: argparse.Namespace) -> str:
 
 def backup_database(config: Config, target: Path) -> None:
     """Copy the database with SQLite's online backup: consistent even while the server writes."""
+    if config.database_url:
+        raise CommandError("the database is PostgreSQL (DISPATCH_DATABASE_URL), which holds everything, the contents "
+                           "of uploads, blobs and artifacts included: back it up with pg_dump "
+                           "(pg_dump -Fc -f FILE DBNAME, consistent while the servers run)")
     source_path = config.data_path / "dispatch.db"
     if not source_path.exists():
         raise CommandError(f"there is no dispatch database in {config.data_path}: give the server's --data-dir")
@@ -4508,7 +4749,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(asyncio.run(_user_command(config, args)))
             return 0
         sock = _listen(config)
-    except (CommandError, DispatchError) as err:
+        if not config.database_url:
+            _make_data_dir_private(config.data_path)
+            lock = _lock_data_dir(config.data_path)  # noqa: F841 - held until the process ends
+    except (CommandError, DispatchError, DataDirInUse) as err:
         print(f"dispatch.py: {err.message if isinstance(err, DispatchError) else err}", file=sys.stderr)
         return 2
     _raise_open_files_limit()
@@ -4516,12 +4760,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     # run_app "prints" once the socket listens: the banner then tells the truth. The keep-alive
     # timeout also bounds how long a connection may take to send its request's headers; the
     # lingering time, how long an unread body is drained after the answer.
-    try:
-        web.run_app(app, sock=sock, print=lambda _message: _print_banner(app), access_log=None,
-                    keepalive_timeout=config.request_timeout, lingering_time=config.request_timeout)
-    except DataDirInUse as err:
-        print(f"dispatch.py: {err}", file=sys.stderr)
-        return 2
+    web.run_app(app, sock=sock, print=lambda _message: _print_banner(app), access_log=None,
+                keepalive_timeout=config.request_timeout, lingering_time=config.request_timeout)
     return 0
 
 

@@ -261,16 +261,35 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def _raise_nofile(limit: int = 65536) -> None:
+def _raise_nofile(limit: int = 65536, lower: bool = False) -> None:
+    """Raise the soft open-files limit to `limit` (at most the hard limit); with `lower`, also
+    lower it to `limit` (a server started as a shell's default 1,024 would be)."""
     try:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         target = min(limit, hard) if hard != resource.RLIM_INFINITY else limit
-        if soft < target:
+        if soft < target or (lower and soft > target):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ImportError, ValueError, OSError):
         pass
+
+
+def open_files(pid: int) -> tuple[int, int, int]:
+    """(descriptors open, soft limit, hard limit) of a process; -1 for 'unlimited' or unreadable."""
+    try:
+        count = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        count = -1
+    soft = hard = -1
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                fields = line.split()
+                soft, hard = (int(v) if v.isdigit() else -1 for v in fields[3:5])
+    except OSError:
+        pass
+    return count, soft, hard
 
 
 class DispatchServer:
@@ -278,11 +297,13 @@ class DispatchServer:
 
     ``durability="full"`` starts it through bench/_dispatch_full.py, which is dispatch.py with
     ``PRAGMA synchronous = FULL`` (for the durability-matched comparison with Redis
-    ``appendfsync always``); everything else is the unmodified module.
+    ``appendfsync always``); everything else is the unmodified module. ``script`` runs another
+    such wrapper (bench/_dispatch_gc.py: the garbage collector timed).
     """
 
     def __init__(self, workdir: Path, *, port: int | None = None, env: dict | None = None,
-                 durability: str = "normal", python: str = sys.executable):
+                 durability: str = "normal", python: str = sys.executable, start_nofile: int | None = None,
+                 script: Path | None = None):
         self.workdir = Path(workdir)
         self.data_dir = self.workdir / "data"
         self.port = port or free_port()
@@ -290,6 +311,8 @@ class DispatchServer:
         self.env = {**base_env(), **(env or {})}
         self.durability = durability
         self.python = python
+        self.start_nofile = start_nofile  # None: soft open-files limit raised to 65536; N: started with N
+        self.script = script  # a bench wrapper of the dispatch module instead of dispatch.py
         self.log_path = self.workdir / "dispatch.log"
         self.process: subprocess.Popen | None = None
 
@@ -298,7 +321,7 @@ class DispatchServer:
         return self.process.pid
 
     def command(self) -> list[str]:
-        script = ROOT / "dispatch.py" if self.durability == "normal" else BENCH / "_dispatch_full.py"
+        script = self.script or (ROOT / "dispatch.py" if self.durability == "normal" else BENCH / "_dispatch_full.py")
         return [self.python, str(script), "--host", "127.0.0.1", "--port", str(self.port),
                 "--data-dir", str(self.data_dir)]
 
@@ -307,7 +330,7 @@ class DispatchServer:
         with open(self.log_path, "ab") as log:
             offset = log.tell()
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile)
+                                            stdin=subprocess.DEVNULL, preexec_fn=self._limits)
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -323,6 +346,12 @@ class DispatchServer:
             except (OSError, urllib.error.URLError):
                 time.sleep(0.02)
         raise RuntimeError("dispatch.py does not answer /api/health")
+
+    def _limits(self) -> None:
+        if self.start_nofile is None:
+            _raise_nofile()
+        else:
+            _raise_nofile(self.start_nofile, lower=True)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -477,3 +506,39 @@ def wait_for_workers(url: str, token: str, worker_ids, timeout: float = 30.0) ->
             return
         time.sleep(0.1)
     raise RuntimeError(f"workers {sorted(wanted)} did not come online within {timeout:.0f} s")
+
+
+class PostgresDatabase:
+    """A fresh PostgreSQL database of this run's own on ``server`` (a postgresql:// URL of an
+    existing database to connect through), dropped at the end: ``with PostgresDatabase(url) as db``;
+    ``db.url`` is what the servers get as DISPATCH_DATABASE_URL."""
+
+    def __init__(self, server: str):
+        self.server = server
+        self.name = f"dispatch_bench_{os.getpid()}_{int(time.time())}"
+        self.url = server.rsplit("/", 1)[0] + "/" + self.name
+
+    def __enter__(self) -> "PostgresDatabase":
+        self._run(self.server, f"CREATE DATABASE {self.name}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._run(self.server, f"DROP DATABASE {self.name} WITH (FORCE)")
+
+    def rows(self, sql: str) -> list[dict]:
+        return self._run(self.url, sql)
+
+    @staticmethod
+    def _run(url: str, sql: str) -> list[dict]:
+        import asyncio
+
+        import asyncpg
+
+        async def run() -> list[dict]:
+            connection = await asyncpg.connect(url)
+            try:
+                return [dict(row) for row in await connection.fetch(sql)]
+            finally:
+                await connection.close()
+
+        return asyncio.run(run())

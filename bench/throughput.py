@@ -7,6 +7,8 @@
     python bench/throughput.py --big-output 100                    # 100 MB of output, short jobs flow
     python bench/throughput.py --idle-agents 1000                  # 1,000 long-polling agents
     python bench/throughput.py --upload 500                        # one 500 MB upload
+    python bench/throughput.py --upload 500 --postgres postgresql://postgres@127.0.0.1/postgres  # stored there
+    python bench/throughput.py --farm 5000                         # 5,000 parked agents (issue 12)
 
 Every figure comes from real processes on 127.0.0.1: the server's and agents' CPU is read
 from /proc (user + system, with the children they reaped, so the jobs' own processes count),
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -40,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aiohttp  # noqa: E402
 
 from _common import (  # noqa: E402
-    BENCH, REGISTRATION_TOKEN, Agents, DispatchServer, RssSampler, Workspace, api_call, cpu_seconds,
-    fmt_range, free_port, login, parse_iso, peak_rss_mb, percentile, print_banner, reset_peak_rss, rss_mb,
+    BENCH, REGISTRATION_TOKEN, Agents, DispatchServer, PostgresDatabase, RssSampler, Workspace, api_call, cpu_seconds,
+    fmt_range, free_port, login, open_files, parse_iso, peak_rss_mb, percentile, print_banner, reset_peak_rss, rss_mb,
     stop_tree, tree_cpu_seconds, wait_for_workers)
 
 FINISHED_SQL = "status IN ('completed', 'failed', 'cancelled')"
@@ -149,9 +152,9 @@ class DispatchFarm:
     name = "dispatch"
 
     def __init__(self, root: Path, agents: int, *, durability: str = "normal", server_env: dict | None = None,
-                 concurrency: int = 1):
+                 concurrency: int = 1, **server_options):
         self.root = root
-        self.server = DispatchServer(root / "server", durability=durability, env=server_env)
+        self.server = DispatchServer(root / "server", durability=durability, env=server_env, **server_options)
         self.agent_count = agents
         self.concurrency = concurrency
         self.agents: Agents | None = None
@@ -1036,6 +1039,269 @@ async def _idle_agents(farm: DispatchFarm, n: int, args) -> int:
 
 
 # =============================================================================================
+# --farm: issue 12's farm size, the server alone with N parked agents
+# =============================================================================================
+
+FARM_TARGETS = {"rss_mb": 200.0, "idle_cpu_pct": 10.0, "pickup_p50_ms": 10.0}  # issue 12
+
+
+def _pending(table: dict, key: str) -> asyncio.Future:
+    """The future of `key` in `table`, made by whichever side comes first (a job may reach an
+    agent before its submit's answer reaches the bench)."""
+    if key not in table:
+        table[key] = asyncio.get_running_loop().create_future()
+    return table[key]
+
+
+class SimAgents:
+    """One ``bench/_sim_agents.py`` process holding `count` protocol-only agents; its lines
+    (registered, status, pickup, done, error) are read into futures and counters."""
+
+    def __init__(self, url: str, count: int, prefix: str, log: Path, pickups: dict, dones: dict, poll_wait: int = 30):
+        self.url, self.count, self.prefix, self.log, self.poll_wait = url, count, prefix, log, poll_wait
+        self.pickups, self.dones = pickups, dones  # {job id: future}, shared by all the processes
+        self.registered: asyncio.Future | None = None
+        self.statuses: asyncio.Queue = asyncio.Queue()
+        self.errors: list[str] = []
+        self.process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> "SimAgents":
+        loop = asyncio.get_running_loop()
+        self.registered = loop.create_future()
+        with open(self.log, "ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, str(BENCH / "_sim_agents.py"), "--url", self.url, "--count", str(self.count),
+                "--prefix", self.prefix, "--poll-wait", str(self.poll_wait),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        self._reader = asyncio.ensure_future(self._read())
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def _read(self) -> None:
+        while line := await self.process.stdout.readline():
+            word, _, rest = line.decode().strip().partition(" ")
+            if word == "pickup":
+                job_id, at = rest.split()
+                _pending(self.pickups, job_id).set_result(float(at))
+            elif word == "done":
+                _pending(self.dones, rest).set_result(time.time())
+            elif word == "registered" and not self.registered.done():
+                self.registered.set_result(float(rest.split()[1]))
+            elif word == "status":
+                self.statuses.put_nowait([float(x) for x in rest.split()])
+            elif word == "error":
+                self.errors.append(rest)
+        if not self.registered.done():
+            self.registered.set_exception(RuntimeError(f"_sim_agents.py exited:\n{self.log.read_text()[-2000:]}"))
+
+    async def send(self, command: str) -> None:
+        self.process.stdin.write(command.encode() + b"\n")
+        await self.process.stdin.drain()
+
+    async def status(self) -> list[float]:
+        """[polls parked, heartbeats sent, polls sent, connections opened, errors] so far, and a
+        heartbeat's round trip p50 and p99 (ms) since the last status."""
+        await self.send("status")
+        return await asyncio.wait_for(self.statuses.get(), 30)
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            try:
+                await self.send("stop")
+                await asyncio.wait_for(self.process.wait(), 15)
+            except (OSError, asyncio.TimeoutError):
+                self.process.kill()
+                await self.process.wait()
+        if self._reader:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def mode_farm(args) -> int:
+    n = args.farm
+    processes = args.farm_processes or max(1, -(-n // 2500))
+    print(f"-- farm size: {n} protocol-only agents in {processes} process(es) of bench/_sim_agents.py (each agent: "
+          f"register, a heartbeat every nextCheckIn, get-job?wait={args.poll_wait} back to back, each on its own "
+          f"kept-alive connection as agent.py's threads); the server starts with a soft open-files limit of "
+          f"{args.start_nofile} and raises it itself; ramp {args.ramp:g} s + {args.settle:g} s, idle window "
+          f"{args.duration:g} s, then {args.probes} jobs one at a time, {args.probe_interval:g} s apart")
+    with Workspace(args.keep) as ws:
+        gc_log = ws / "gc.log" if args.gc_stats else None
+        options = {"script": BENCH / "_dispatch_gc.py", "server_env": {"BENCH_GC_LOG": str(gc_log)}} if gc_log else {}
+        farm = DispatchFarm(ws, 0, start_nofile=args.start_nofile, **options).start()
+        try:
+            return asyncio.run(_farm(farm, ws, n, processes, args, gc_log))
+        finally:
+            farm.stop()
+
+
+async def _farm(farm: DispatchFarm, ws: Path, n: int, processes: int, args, gc_log: Path | None) -> int:
+    pid = farm.server.pid
+    fds0, soft, hard = open_files(pid)
+    rss0 = rss_mb(pid)
+    print(f"server alone: RSS {rss0:.1f} MB, {fds0} descriptors open; open-files limit soft {soft} / hard {hard} "
+          f"(started with soft {args.start_nofile})", flush=True)
+    pickups: dict[str, asyncio.Future] = {}
+    dones: dict[str, asyncio.Future] = {}
+    shares = [n // processes + (1 if k < n % processes else 0) for k in range(processes)]
+    sims = [SimAgents(farm.server.url, share, f"sim{k}", ws / f"sim{k}.log", pickups, dones, args.poll_wait)
+            for k, share in enumerate(shares)]
+    try:
+        return await _farm_measure(farm, sims, n, pickups, dones, fds0, args, gc_log)
+    finally:
+        await asyncio.gather(*(s.stop() for s in sims if s.process), return_exceptions=True)
+        errors = [e for s in sims for e in s.errors]
+        if errors:
+            print("first errors of the simulated agents:", errors[:5])
+
+
+def _gc_reading(path: Path | None) -> dict | None:
+    """The last line bench/_dispatch_gc.py wrote: {time, generations: {gen: [count, seconds]}, long}."""
+    try:
+        lines = path.read_text().splitlines() if path else []
+    except OSError:
+        return None
+    return json.loads(lines[-1]) if lines else None
+
+
+async def _farm_measure(farm: DispatchFarm, sims: list[SimAgents], n: int, pickups: dict, dones: dict, fds0: int,
+                        args, gc_log: Path | None) -> int:
+    pid = farm.server.pid
+
+    async def totals() -> list:
+        """The processes' status columns added up, and the worst of their heartbeat p50 and p99."""
+        cols = list(zip(*await asyncio.gather(*(s.status() for s in sims))))
+        return [int(sum(col)) for col in cols[:5]] + [max(cols[5]), max(cols[6])]
+
+    # 1. register (each process its share, 16 at a time)
+    s0, t0 = cpu_seconds(pid), time.monotonic()
+    for s in sims:
+        await s.start()
+    await asyncio.wait_for(asyncio.gather(*(s.registered for s in sims)), max(120.0, n / 20))
+    print(f"registered {n} workers in {time.monotonic() - t0:.1f} s (server CPU {cpu_seconds(pid) - s0:.1f} s); "
+          f"server RSS {rss_mb(pid):.1f} MB", flush=True)
+
+    # 2. every agent starts at a random moment of the ramp (= the heartbeat interval by default: the
+    #    heartbeats and the 30 s poll renewals are then spread evenly, as in a farm that runs for a while)
+    for s in sims:
+        await s.send(f"go {args.ramp}")
+    await asyncio.sleep(args.ramp + args.settle)
+    deadline = time.monotonic() + 30
+    while (parked := (await totals())[0]) < 0.99 * n and time.monotonic() < deadline:
+        await asyncio.sleep(1)  # the server may still be catching up with the ramp
+    parked, beats, polls, connects, errors, *_ = await totals()
+    if parked < 0.99 * n:
+        print(f"  ** NOT STEADY: {parked} of {n} polls parked 30 s after the ramp; measuring anyway **")
+    fds, soft, hard = open_files(farm.server.pid)
+    print(f"steady state: {parked} of {n} polls parked, {beats} heartbeats and {polls} polls sent so far, "
+          f"{connects} connections opened, {errors} errors; server {fds} descriptors open", flush=True)
+
+    # 3. the idle window: the server's CPU (/proc), RSS and descriptors sampled every second
+    profiler = None
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        profiler = Profiler(pid, Path(args.profile) / "server-farm-idle")
+        profiler.__enter__()
+    reset_peak_rss(pid)
+    gc0 = _gc_reading(gc_log)
+    sim_pids = [s.pid for s in sims]
+    t0, s0, c0 = time.monotonic(), cpu_seconds(pid), tree_cpu_seconds(sim_pids)
+    rss, fd_counts = [], []
+    while time.monotonic() - t0 < args.duration:
+        await asyncio.sleep(1)
+        rss.append(rss_mb(pid))
+        fd_counts.append(open_files(pid)[0])
+    t1, s1, c1 = time.monotonic(), cpu_seconds(pid), tree_cpu_seconds(sim_pids)
+    if profiler:
+        profiler.__exit__(None, None, None)
+    _, beats1, polls1, connects1, errors1, beat_p50, beat_p99 = await totals()
+    window = t1 - t0
+    idle_pct = (s1 - s0) / window * 100
+    hwm = peak_rss_mb(pid)
+    print(f"idle window {window:.0f} s: server CPU {idle_pct:.1f}% of a core ({(s1 - s0) * 1000 / window:.0f} ms/s); "
+          f"RSS {rss[-1]:.1f} MB (max sampled {max(rss):.1f}, VmHWM {hwm:.1f}); descriptors {max(fd_counts)} at most; "
+          f"the server saw {(beats1 - beats) / window:.0f} heartbeats/s, {(polls1 - polls) / window:.0f} get-job "
+          f"renewals/s, {(connects1 - connects) / window:.0f} new connections/s; a heartbeat answered in p50 "
+          f"{beat_p50:.1f} / p99 {beat_p99:.1f} ms; the simulated agents' processes "
+          f"used {(c1 - c0) / window * 100:.1f}% of a core; errors {errors1 - errors}", flush=True)
+    gc1 = _gc_reading(gc_log)
+    if gc0 and gc1:
+        spent = {g: [gc1["generations"][g][i] - gc0["generations"][g][i] for i in (0, 1)] for g in ("0", "1", "2")}
+        pauses = [p for p in gc1["long"] if gc0["time"] <= p[0] <= gc1["time"]]
+        longest = max(pauses, key=lambda p: p[2], default=None)
+        span = gc1["time"] - gc0["time"]
+        print(f"server GC in the window ({span:.0f} s): " + ", ".join(
+            f"gen{g} {c} in {t * 1000:.0f} ms" for g, (c, t) in spent.items()) +
+            f" = {sum(t for _, t in spent.values()) / span * 100:.1f}% of a core; {len(pauses)} collections of "
+            f"≥ 10 ms" + (f", the longest {longest[2] * 1000:.0f} ms (gen{longest[1]})" if longest else "") +
+            (f"; gc thresholds {os.environ['BENCH_GC_THRESHOLD']} (BENCH_GC_THRESHOLD)"
+             if os.environ.get("BENCH_GC_THRESHOLD") else ""), flush=True)
+    if profiler:
+        print(f"profile (py-spy, the idle window; its own sampling adds CPU): {args.profile}/server-farm-idle.svg;"
+              f" summarise with: python bench/profile_summary.py {args.profile}/server-farm-idle.txt", flush=True)
+
+    # 4. pickup: one job at a time; the time the get-job answer with it was read in a simulated agent
+    #    (the server may hand the job out before it answers the submit: "from the 201" can be negative)
+    after_201, after_start, round_trips = [], [], []
+    missing = 0
+    profiler = Profiler(pid, Path(args.profile) / "server-farm-pickup") if args.profile else None
+    if profiler:
+        profiler.__enter__()
+    s2, t2 = cpu_seconds(pid), time.monotonic()
+    async with farm.client(4) as client:
+        for _ in range(args.probes):
+            if time.monotonic() - t2 > args.cap or missing >= 3:
+                print(f"  (pickups cut short: {'3 jobs not picked up within 10 s' if missing >= 3 else '--cap'})")
+                break
+            t_start = time.time()
+            job_id = await client.submit("true")
+            t_201 = time.time()
+            try:
+                picked = await asyncio.wait_for(asyncio.shield(_pending(pickups, job_id)), 10)
+                await asyncio.wait_for(asyncio.shield(_pending(dones, job_id)), 10)
+            except asyncio.TimeoutError:
+                missing += 1
+                continue
+            after_201.append((picked - t_201) * 1000)
+            after_start.append((picked - t_start) * 1000)
+            round_trips.append((t_201 - t_start) * 1000)
+            await asyncio.sleep(args.probe_interval)
+    s3, t3 = cpu_seconds(pid), time.monotonic()
+    if profiler:
+        profiler.__exit__(None, None, None)
+    per_job = ((s3 - s2) - (s1 - s0) / window * (t3 - t2)) / max(len(after_201) + missing, 1) * 1000
+    print(f"one job at a time with {n} parked polls ({len(after_201)} jobs{f', {missing} MISSING' if missing else ''}):"
+          f" submit's start → job read by an agent p50 {percentile(after_start, 50):.1f} ms, p99 "
+          f"{percentile(after_start, 99):.1f} ms, max {max(after_start, default=float('nan')):.1f} ms; from the "
+          f"submit's 201 p50 {percentile(after_201, 50):.1f} / p99 {percentile(after_201, 99):.1f} ms (the submit's "
+          f"round trip p50 {percentile(round_trips, 50):.1f} / p99 {percentile(round_trips, 99):.1f} ms); server CPU "
+          f"≈ {per_job:.1f} ms per job beyond idle", flush=True)
+    if profiler:
+        print(f"profile (py-spy, the pickups): {args.profile}/server-farm-pickup.svg", flush=True)
+
+    # 5. descriptors: what the OS limit must be
+    fds_max, soft, hard = max(fd_counts), *open_files(pid)[1:]
+    worst = fds0 + 2 * n
+    print(f"descriptors: {fds0} with no agent, {fds_max} with {n} agents parked (≈ {(fds_max - fds0) / n:.2f} per "
+          f"agent: its poll, and its heartbeat connection until the 15 s keep-alive closes it); up to 2 per agent "
+          f"(+1 per extra job slot) if every heartbeat connection is open at once: {worst} → the hard limit "
+          f"(`ulimit -Hn`, systemd LimitNOFILE=) must be ≥ {worst} for {n} agents; the server raised its soft "
+          f"limit from {args.start_nofile} to {soft} (hard {hard})"
+          f"{'' if soft >= worst else '  ** BELOW WHAT THIS FARM MAY NEED **'}", flush=True)
+    checks = [("RSS", max(rss), FARM_TARGETS["rss_mb"], "MB"),
+              ("idle CPU", idle_pct, FARM_TARGETS["idle_cpu_pct"], "%"),
+              ("pickup p50", percentile(after_start, 50) if not missing else float("inf"),
+               FARM_TARGETS["pickup_p50_ms"], "ms")]
+    print("issue 12 targets at this size: " + "; ".join(
+        f"{name} {value:.1f} {unit} {'≤' if value <= limit else '>'} {limit:g} {unit}: "
+        f"{'met' if value <= limit else 'MISSED'}" for name, value, limit, unit in checks), flush=True)
+    return 0 if not missing and farm.server.process.poll() is None else 1
+
+
+# =============================================================================================
 # --upload
 # =============================================================================================
 
@@ -1043,9 +1309,12 @@ async def _idle_agents(farm: DispatchFarm, n: int, args) -> int:
 def mode_upload(args) -> int:
     mb = args.upload
     print(f"-- upload: one {mb} MB multipart upload (streamed from a 1 MiB buffer, never whole in memory), "
-          f"{args.runs} run(s)")
-    with Workspace(args.keep) as ws:
+          f"{args.runs} run(s), stored in {'PostgreSQL' if args.postgres else 'the data dir'}")
+    with Workspace(args.keep) as ws, (PostgresDatabase(args.postgres) if args.postgres
+                                      else contextlib.nullcontext()) as database:
         env = {"DISPATCH_MAX_UPLOAD_MB": str(max(500, mb + 1))}
+        if database:
+            env["DISPATCH_DATABASE_URL"] = database.url
         farm = DispatchFarm(ws, 0, server_env=env).start()
         try:
             for run in range(args.runs):
@@ -1089,7 +1358,7 @@ def _upload_once(farm: DispatchFarm, mb: int, run: int) -> None:
           f"server RSS before {rss0:.1f} MB, peak {peak:.1f} MB (sampled max {sampler.max:.1f}) -> growth "
           f"{peak - rss0:.1f} MB; server CPU {s1 - s0:.2f} s ({(s1 - s0) / mb * 1000:.1f} ms/MB), client CPU "
           f"{c1 - c0:.2f} s", flush=True)
-    if ok:  # keep the disk free for the next run
+    if ok:  # keep the disk free for the next run (a PostgreSQL database is dropped at the end)
         for path in (farm.server.data_dir / "uploads" / body["fileId"]).glob("*"):
             path.unlink()
 
@@ -1121,6 +1390,11 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--big-output", type=int, metavar="MB", nargs="?", const=100, help="one job printing MB")
     modes.add_argument("--idle-agents", type=int, metavar="N", nargs="?", const=1000, help="N long-polling agents")
     modes.add_argument("--upload", type=int, metavar="MB", nargs="?", const=500, help="one upload of MB")
+    modes.add_argument("--postgres", metavar="URL", help="--upload: the server on PostgreSQL, in a database of "
+                                                         "the run's own made through URL and dropped at the end")
+    modes.add_argument("--farm", type=int, metavar="N", nargs="?", const=5000,
+                       help="farm size (issue 12): N parked protocol-only agents in separate processes; server RSS, "
+                            "idle CPU, descriptors, one job's pickup (--probes, --probe-interval)")
     lat = p.add_argument_group("latency, peers and big-output options")
     lat.add_argument("--rate", type=float, help="jobs/s that 100%% pace means (default: measured first)")
     lat.add_argument("--latency-jobs", type=int, default=1000, help="jobs of the throughput run that sets the pace")
@@ -1132,14 +1406,26 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--peer-systems", help="comma list of dispatch,celery,rq,rq-simple (default all)")
     lat.add_argument("--short-rate", type=float, default=20.0, help="big-output: short jobs per second")
     idle = p.add_argument_group("idle-agents options")
-    idle.add_argument("--ramp", type=float, default=10.0, help="seconds over which the agents start polling")
+    idle.add_argument("--ramp", type=float, help="seconds over which the agents start polling (default 10; "
+                                                   "--farm: 30, the heartbeat interval)")
     idle.add_argument("--duration", type=float, default=30.0, help="seconds measured")
     idle.add_argument("--herd-jobs", type=int, default=10, help="jobs submitted one at a time afterwards")
+    idle.add_argument("--settle", type=float, default=5.0, help="--farm: seconds after the ramp before measuring")
+    idle.add_argument("--farm-processes", type=int, help="--farm: simulated agents' processes (default N/2500)")
+    idle.add_argument("--gc-stats", action="store_true",
+                      help="--farm: run the server through bench/_dispatch_gc.py and report its garbage collections"
+                           " in the idle window (BENCH_GC_THRESHOLD=a,b,c: gc.set_threshold first)")
+    idle.add_argument("--poll-wait", type=int, default=30,
+                      help="--farm: the simulated agents' get-job wait (agent.py's: 30; a what-if of longer polls)")
+    idle.add_argument("--start-nofile", type=int, default=1024,
+                      help="--farm: the soft open-files limit the server starts with (default 1024)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.ramp is None:
+        args.ramp = 30.0 if args.farm else 10.0
     if not sys.platform.startswith("linux"):
         print("the bench reads /proc: Linux only")
         return 2
@@ -1148,7 +1434,7 @@ def main(argv=None) -> int:
     status = 0
     ran = False
     for flag, mode in (("latency", mode_latency), ("peers", mode_peers), ("big_output", mode_big_output),
-                       ("idle_agents", mode_idle_agents), ("upload", mode_upload)):
+                       ("idle_agents", mode_idle_agents), ("upload", mode_upload), ("farm", mode_farm)):
         value = getattr(args, flag)
         if value:
             ran = True

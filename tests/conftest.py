@@ -16,6 +16,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +30,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# pytest rewrites each test module's asserts, ~4 s for all of them, and caches the result as
+# bytecode; PYTHONDONTWRITEBYTECODE (set on some machines) would make every run pay it again.
+sys.dont_write_bytecode = False
 
 import dispatch  # noqa: E402
 
@@ -138,6 +142,15 @@ async def run_sql(config: dispatch.Config, sql: str) -> list[tuple]:
         await connection.close()
 
 
+async def stored(config: dispatch.Config) -> list[str]:
+    """The keys of the contents of uploads, blobs and artifacts kept now, partial ones too, whichever
+    engine: SQLite's are paths of files in the data dir, PostgreSQL's keys in file_chunks."""
+    if not config.database_url:
+        return sorted(path.relative_to(config.data_path).as_posix() for folder in ("uploads", "blobs", "artifacts")
+                      for path in (config.data_path / folder).rglob("*") if path.is_file())
+    return sorted(key for (key,) in await run_sql(config, "SELECT DISTINCT key FROM file_chunks"))
+
+
 async def secret_of(config: dispatch.Config, name: str = "jwt_secret") -> str:
     """A secret the server keeps: in the data dir with SQLite, in the database with PostgreSQL."""
     if not config.database_url:
@@ -145,11 +158,22 @@ async def secret_of(config: dispatch.Config, name: str = "jwt_secret") -> str:
     return (await run_sql(config, f"SELECT value FROM meta WHERE key = '{name}'"))[0][0]
 
 
+# The in-process app tests keep their data dir in memory where the machine has a tmpfs: they test
+# behaviour, not fsync (the real-process tests and bench/chaos.py use the disk).
+MEMORY_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+
+
 @pytest.fixture
-def config(tmp_path, database_url) -> dispatch.Config:
+def data_dir(tmp_path):
+    with tempfile.TemporaryDirectory(dir=MEMORY_DIR) as memory:
+        yield Path(memory) / "data" if MEMORY_DIR else tmp_path / "data"
+
+
+@pytest.fixture
+def config(data_dir, database_url) -> dispatch.Config:
     """Limits off and cheap bcrypt, so tests measure behaviour, not waiting; tests that check a
     limit set it with ``dataclasses.replace``."""
-    return dispatch.Config(data_dir=str(tmp_path / "data"), database_url=database_url, admin_email=ADMIN_EMAIL,
+    return dispatch.Config(data_dir=str(data_dir), database_url=database_url, admin_email=ADMIN_EMAIL,
                            admin_password=ADMIN_PASSWORD, registration_token=REGISTRATION_TOKEN, rate_limit=0,
                            worker_rate_limit=0, bcrypt_rounds=4)
 
@@ -201,7 +225,7 @@ class Api:
 
     async def upload(self, token: str, content: bytes, name: str = "project.zip") -> dict:
         form = aiohttp.FormData()
-        form.add_field("file", content, filename=name, content_type="application/zip")
+        form.add_field("file", io.BytesIO(content), filename=name, content_type="application/zip")  # any size
         response = await self.call("POST", "/api/files/upload", token=token, data=form)
         assert response.status == 201, await response.text()
         return await response.json()

@@ -32,3 +32,12 @@ def test_throughput_smoke():
 def test_chaos_smoke():
     output = _run("bench/chaos.py", "--cycles", "2", "--jobs", "30")
     assert re.search(r"acknowledged=30 lost=0 duplicated=0 orphaned=0", output), output
+
+
+def test_farm_smoke():
+    output = _run("bench/throughput.py", "--farm", "20", "--ramp", "1", "--settle", "0.5", "--duration", "1",
+                  "--probes", "5", "--probe-interval", "0.05", timeout=60)
+    assert re.search(r"steady state: 20 of 20 polls parked", output), output
+    assert re.search(r"idle window .*server CPU [\d.]+% of a core.*RSS [\d.]+ MB", output), output
+    assert re.search(r"\(5 jobs\): submit's start → job read by an agent p50 [\d.]+ ms", output), output
+    assert re.search(r"the hard limit .* must be ≥ \d+ for 20 agents", output), output

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 
 import pytest
 
 import dispatch
+from conftest import stored
 
 
 def sha(content: bytes) -> str:
@@ -64,7 +64,7 @@ async def test_a_blob_whose_content_does_not_match_its_hash_is_refused_and_nothi
     body = await response.json()
     assert body["code"] == "BLOB_HASH_MISMATCH" and sha(b"something else") in body["message"]
     assert await missing(api, token, [claimed]) == [claimed]
-    assert [p for p in (config.data_path / "blobs").rglob("*") if p.is_file()] == []
+    assert await stored(config) == []
 
 
 @pytest.mark.parametrize("name", ["ABC", "0" * 63, "g" * 64, "A" * 64])
@@ -285,18 +285,16 @@ async def test_blobs_expire_once_no_job_or_tree_has_used_them_for_the_ttl(client
     await put(api, token, used)
     await put(api, token, unused)
     job_id = (await (await submit_tree(api, token, [entry("a", used)])).json())["jobId"]
-    blobs = client.app[dispatch.BLOBS]
 
     clock.advance(config.file_ttl_days * 86400 + 60)
     await dispatch._sweep_storage(client.app)
 
-    assert not os.path.exists(blobs.path(sha(unused)))
-    assert os.path.exists(blobs.path(sha(used)))  # its job still exists: the tree holds it
+    assert await stored(config) == [dispatch.Blobs.key(sha(used))]  # its job still exists: the tree holds it
     assert await missing(api, token, [sha(used), sha(unused)]) == [sha(unused)]
 
     await api.call("POST", "/api/jobs/cancel", token=token, json={"jobId": job_id})
     clock.advance((config.job_retention_days + config.file_ttl_days) * 86400 + 60)
     await dispatch._sweep_storage(client.app)
 
-    assert not os.path.exists(blobs.path(sha(used)))
+    assert await stored(config) == []
     assert await missing(api, token, [sha(used)]) == [sha(used)]

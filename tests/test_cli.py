@@ -109,6 +109,15 @@ def test_a_backup_into_a_missing_folder_is_a_sentence(tmp_path):
     assert "No such file or directory" in one_sentence(result)
 
 
+def test_a_backup_on_postgresql_says_to_use_pg_dump_which_holds_every_file_too(tmp_path):
+    result = dispatch_py("--database-url", "postgresql://dispatch@127.0.0.1:1/farm", "backup", str(tmp_path / "copy"),
+                         "--data-dir", str(tmp_path / "d"))
+
+    sentence = one_sentence(result)
+    assert "pg_dump" in sentence and "uploads, blobs and artifacts" in sentence
+    assert not (tmp_path / "copy").exists()
+
+
 def test_help_lists_every_subcommand_and_its_options():
     help_text = dispatch_py("--help").stdout
 

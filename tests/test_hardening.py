@@ -21,7 +21,7 @@ import aiosqlite
 import pytest
 
 import dispatch
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, Api, make_zip, old_database, secret_of
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, Api, make_zip, old_database, secret_of, stored
 
 LONG_PASSWORD = "é" * 37  # 37 characters, 74 bytes: long enough for the 8-character rule, too long for bcrypt
 WORKER = {"workerId": "desktop-1", "hostname": "desktop-1"}
@@ -170,8 +170,7 @@ async def test_an_upload_named_with_200_e_acute_is_stored_under_a_name_capped_in
     assert name == "é" * ((dispatch.MAX_FILENAME_BYTES - 4) // 2) + ".zip"  # cut between characters
     download = await api.call("GET", upload["url"], token=token)
     assert (download.status, await download.read()) == (200, content)
-    folder = Path(config.data_dir) / "uploads" / upload["fileId"]
-    assert uploaded_entries(config) == [folder, folder / name]
+    assert await stored(config) == [f"uploads/{upload['fileId']}/{name}"]
 
 
 async def test_an_upload_that_cannot_be_recorded_leaves_no_folder_or_file(api, config, client, monkeypatch):
@@ -186,7 +185,7 @@ async def test_an_upload_that_cannot_be_recorded_leaves_no_folder_or_file(api, c
     response = await api.call("POST", "/api/files/upload", token=token, data=form)
 
     assert response.status == 503
-    assert uploaded_entries(config) == []
+    assert uploaded_entries(config) == [] and await stored(config) == []  # no folder either
 
 
 # -- 9: login timing ----------------------------------------------------------------------

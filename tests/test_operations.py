@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import dispatch
-from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, Api, ServerProcess, run_sql, sqlite_only
+from conftest import ADMIN_EMAIL, ADMIN_PASSWORD, REGISTRATION_TOKEN, ROOT, Api, ServerProcess, run_sql, sqlite_only, stored
 
 
 async def test_health_reports_version_queue_and_workers_without_auth(api):
@@ -121,6 +121,7 @@ async def test_expired_uploads_are_swept_from_disk_and_database(client, api, con
     response = await api.call("GET", f"/api/files/download/{upload['fileId']}", token=token)
     assert response.status == 404
     assert not (client.app[dispatch.CONFIG].data_path / "uploads" / upload["fileId"]).exists()
+    assert await stored(config) == []
 
 
 # -- a real process -------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import ISO_MS, Api, make_zip
+from conftest import ISO_MS, Api, make_zip, secret_of, stored
 
 FILE_ID = re.compile(r"^file-[0-9a-f]{32}$")
 
@@ -23,11 +23,6 @@ FILE_ID = re.compile(r"^file-[0-9a-f]{32}$")
 
 def uploads_dir(config) -> Path:
     return Path(config.data_dir) / "uploads"
-
-
-def stored_files(config) -> list[Path]:
-    """Every file under data/uploads, hidden partials included."""
-    return sorted(p for p in uploads_dir(config).rglob("*") if p.is_file())
 
 
 def multipart(disposition_params: bytes, content: bytes,
@@ -84,7 +79,7 @@ async def test_upload_returns_201_with_size_sha256_url_and_expiry(api, config):
     uploaded = dt.datetime.fromisoformat(body["uploadedAt"].replace("Z", "+00:00"))
     expires = dt.datetime.fromisoformat(body["expiresAt"].replace("Z", "+00:00"))
     assert expires - uploaded == dt.timedelta(days=config.file_ttl_days)
-    assert [p.read_bytes() for p in stored_files(config)] == [content]
+    assert await stored(config) == [f"uploads/{body['fileId']}/project.zip"]
 
 
 async def test_upload_expiry_follows_the_configured_ttl(make_client):
@@ -111,7 +106,7 @@ async def test_a_plain_user_may_upload_but_a_worker_and_nobody_may_not(api, conf
                 for creds in ({"token": user}, {"worker": worker}, {})]
 
     assert statuses == [201, 403, 401]
-    assert len(stored_files(config)) == 1
+    assert len(await stored(config)) == 1
 
 
 async def test_an_upload_over_the_limit_is_400_and_leaves_nothing(make_client, config):
@@ -126,7 +121,7 @@ async def test_an_upload_over_the_limit_is_400_and_leaves_nothing(make_client, c
     body = await response.json()
     assert response.status == 400
     assert (body["error"], body["message"]) == ("Invalid file", "File size exceeds 1MB limit")
-    assert stored_files(config) == []
+    assert await stored(config) == []
     assert [p.name for p in uploads_dir(config).iterdir()] == []
     assert (await api.upload(token, b"small enough"))["size"] == 12  # and the server is fine afterwards
 
@@ -145,7 +140,7 @@ async def test_a_streamed_upload_over_the_limit_is_400_and_leaves_no_partial_fil
 
     assert response.status == 400
     assert (await response.json())["error"] == "Invalid file"
-    assert stored_files(config) == []
+    assert await stored(config) == []
     assert [p.name for p in uploads_dir(config).iterdir()] == []
 
 
@@ -170,7 +165,7 @@ async def test_upload_without_a_file_field_is_400(api, config, field_name):
     assert response.status == 400
     assert body["error"] == "Invalid file"
     assert "file" in body["message"]
-    assert stored_files(config) == []
+    assert await stored(config) == []
 
 
 @pytest.mark.parametrize("body, content_type", [
@@ -188,7 +183,7 @@ async def test_a_malformed_upload_is_400_never_500(api, config, body, content_ty
 
     assert response.status == 400, await response.text()
     assert (await response.json())["error"] in ("Invalid file", "Invalid request")
-    assert stored_files(config) == []
+    assert await stored(config) == []
 
 
 @pytest.mark.parametrize("params", [
@@ -219,10 +214,7 @@ async def test_hostile_filenames_are_stored_inside_uploads_and_served_with_a_saf
     name = upload["filename"]
     assert name and name not in (".", "..")
     assert not set(name) & set('/\\"\r\n\0')
-    root = uploads_dir(config).resolve()
-    [stored] = stored_files(config)
-    assert stored.resolve().parent.parent == root
-    assert stored.read_bytes() == content
+    assert await stored(config) == [f"uploads/{upload['fileId']}/{name}"]
     assert not (Path(config.data_dir).parent / "etc").exists()
 
     download = await api.call("GET", f"/api/files/download/{upload['fileId']}", token=token)
@@ -244,7 +236,7 @@ async def test_an_upload_cut_short_before_its_closing_boundary_is_refused(api, c
     response = await upload_raw(api, await api.admin(), body, "multipart/form-data; boundary=x")
 
     assert response.status == 400, await response.text()
-    assert stored_files(config) == []
+    assert await stored(config) == []
 
 
 # -- download -------------------------------------------------------------------
@@ -324,7 +316,7 @@ async def test_an_unknown_file_is_404_with_the_contract_body(api, file_id):
 async def test_path_tricks_in_download_urls_never_serve_another_file(api, config, path):
     token = await api.admin()
     upload = await api.upload(token, b"PK the real upload")
-    secret = (Path(config.data_dir) / "jwt_secret").read_bytes()
+    secret = (await secret_of(config)).encode()
 
     status, raw = await raw_get(api, path.replace("FILEID", upload["fileId"]),
                                 {"Authorization": f"Bearer {token}"})
