@@ -2629,8 +2629,9 @@ class _ServerLink:
 
 
 class _ResultSpool:
-    """Results of finished jobs, kept on disk until the server takes them: they survive a server
-    outage and an agent restart. A delivered (or refused) result is deleted with its job directory.
+    """Results of finished jobs the server could not take when they were sent, kept on disk until
+    it does: they survive a server outage and an agent restart. A delivered (or refused) result is
+    deleted with its job directory.
 
     What it holds is mirrored in memory, so asking costs no directory scan.
     """
@@ -2671,6 +2672,36 @@ class _ResultSpool:
         with self._lock:
             self._unsent[key] = body["jobId"]
 
+    def send_now(self, key: str, body: dict, submit: Callable[[dict], object]) -> object:
+        """Send a finished job's result with `submit`; what it returned (None if the server refused
+        the result). The job dir goes once the server has answered. If the server cannot take the
+        result now, it is kept here (see add) and the AgentError raised."""
+        try:
+            answer = self._send(body, submit)
+        except AgentError:
+            self.add(key, body)
+            raise
+        self._forget(key)
+        return answer
+
+    def _send(self, body: dict, submit: Callable[[dict], object]) -> object:
+        """submit(body), or None if the server refused the result: it is dropped, as every retry
+        would be refused too."""
+        try:
+            return submit(body)
+        except Refused as err:
+            if err.status == 401:
+                raise
+            log.warning("the server refused the result of job %s (%s); dropped it", body.get("jobId"), err)
+            return None
+
+    def _forget(self, key: str) -> None:
+        """The result under `key` is delivered or dropped: delete it and its job dir."""
+        (self.directory / f"{key}.json").unlink(missing_ok=True)
+        shutil.rmtree(self._jobs_dir / key, ignore_errors=True)
+        with self._lock:
+            self._unsent.pop(key, None)
+
     def deliver(self, wait: bool = False) -> None:
         """Send every result held; an acknowledged or refused one is deleted with its job dir.
 
@@ -2688,17 +2719,9 @@ class _ResultSpool:
                 except (OSError, ValueError) as err:
                     log.warning("dropping unreadable spooled result %s: %s", path.name, err)
                 else:
-                    try:
-                        self._submit(body)
+                    if self._send(body, self._submit) is not None:
                         log.info("result of job %s delivered", body.get("jobId"))
-                    except Refused as err:
-                        if err.status == 401:
-                            raise
-                        log.warning("the server refused the result of job %s (%s); dropped it", body.get("jobId"), err)
-                path.unlink(missing_ok=True)
-                shutil.rmtree(self._jobs_dir / path.stem, ignore_errors=True)
-                with self._lock:
-                    self._unsent.pop(path.stem, None)
+                self._forget(path.stem)
         finally:
             self._delivering.release()
 
@@ -2769,10 +2792,10 @@ class Agent:
     heartbeat thread. A test can call prepare() and then drive poll_once(now=...) and heartbeat()
     itself.
 
-    The lease: each run has an id, and numbers its get-job requests. Every heartbeat lists the
-    jobs this run holds and `polled`, the number up to which every get-job answer is handled, so
-    the server can take back a job this run does not hold without mistaking one whose answer is
-    still on its way.
+    The lease: each run has an id, and numbers its polls (get-job requests, and results sent with
+    `next=1`). Every heartbeat lists the jobs this run holds and `polled`, the number up to which
+    every poll's answer is handled, so the server can take back a job this run does not hold
+    without mistaking one whose answer is still on its way.
     """
 
     def __init__(self, config: Config):
@@ -2790,9 +2813,9 @@ class Agent:
         self._guest = _Guest(config)
         self._standing = _Standing()  # replaced whole by check_guest(), so it is read without the lock
         self._lock = threading.Lock()  # guards the fields below
-        self._running = {}  # job key -> _Job, from its get-job answer until its result is spooled
-        self._polls_sent = 0  # get-job requests of this run so far; each carries its number
-        self._polls_open = set()  # numbers of get-job requests whose answer is not fully handled yet
+        self._running = {}  # job key -> _Job, from its poll's answer until its result is sent or spooled
+        self._polls_sent = 0  # polls of this run so far; each carries its number
+        self._polls_open = set()  # numbers of polls whose answer is not fully handled yet
         self._jobs_completed = 0
         self._retry_at = 0.0  # no slot asks the server anything before this (monotonic) time
         self._backoff = _Backoff()
@@ -2978,20 +3001,33 @@ class Agent:
             }
 
     def _claim_job(self) -> Optional[_Job]:
-        """Ask the server for a job (long-poll); a job it gives is in _running before the request
-        counts as handled, so no heartbeat says "all answered" without listing it."""
+        """Ask the server for a job (long-poll)."""
+        return self._poll("GET", f"/api/jobs/get-job?wait={POLL_WAIT_SECONDS}", "job",
+                          timeout=POLL_WAIT_SECONDS + HTTP_TIMEOUT_SECONDS)
+
+    def _submit_result(self, body: dict) -> Optional[_Job]:
+        """Send a result; while this agent takes jobs, ask in the same request for the next one
+        (`next=1`): the job the server handed over, or None (none now, or a server older than
+        `next`): the slot then asks get-job as usual."""
+        if self._paused_reason():
+            self._link.request("POST", "/api/jobs/submit-result", body)
+            return None
+        # wait=0: the answer that says the result is saved must not wait for a job to come.
+        return self._poll("POST", "/api/jobs/submit-result?next=1&wait=0", "next", body)
+
+    def _poll(self, method: str, path: str, field: str, body=None, timeout=HTTP_TIMEOUT_SECONDS) -> Optional[_Job]:
+        """A numbered request that may claim a job (the answer's `field`); a job it gives is in
+        _running before the request counts as handled, so no heartbeat says "all answered"
+        without listing it."""
         with self._lock:
             self._polls_sent += 1
             poll = self._polls_sent
             self._polls_open.add(poll)
         job = None
         try:
-            status, data = self._link.request(
-                "GET", f"/api/jobs/get-job?wait={POLL_WAIT_SECONDS}&run={self._run_id}&poll={poll}",
-                timeout=POLL_WAIT_SECONDS + HTTP_TIMEOUT_SECONDS,
-            )
-            if status != 204 and isinstance(data, dict) and data.get("job"):
-                job = _Job.from_api(data["job"])
+            status, data = self._link.request(method, f"{path}&run={self._run_id}&poll={poll}", body, timeout=timeout)
+            if status != 204 and isinstance(data, dict) and data.get(field):
+                job = _Job.from_api(data[field])
         finally:
             with self._lock:
                 if job is not None:
@@ -3054,11 +3090,13 @@ class Agent:
             self._backoff.reset()
         if job is None:
             return max(0.0, POLL_FLOOR_SECONDS - (time.monotonic() - asked))
-        self._run(job)
+        while job is not None:  # a busy server hands over the next job with the result
+            job = self._run(job)
         return 0.0
 
-    def _run(self, job: _Job) -> None:
-        """Run a job the server gave us (listed in _running), then spool its result and try to send it."""
+    def _run(self, job: _Job) -> Optional[_Job]:
+        """Run a job the server gave us (listed in _running), then send its result (spooled if the
+        server cannot take it now); the next job, if the server handed one over with the answer."""
         log.info("job %s started (attempt %d): %r", job.job_id, job.attempt, job.command[:200])
         try:
             try:
@@ -3067,7 +3105,7 @@ class Agent:
             except JobLost as err:
                 log.warning("job %s is no longer ours (%s): killed it, no result sent", job.job_id, err)
                 shutil.rmtree(self._jobs_dir / job.key, ignore_errors=True)
-                return
+                return None
             if result.evicted:
                 log.info("job %s evicted (%s): it goes back to the queue", job.job_id, result.evicted)
             else:
@@ -3090,14 +3128,17 @@ class Agent:
                 body["runningFor"] = round(result.duration, 3)
             if result.evicted:
                 body["evicted"] = result.evicted  # the server queues it again, at no cost to its retries
-            self._spool.add(job.key, body)  # on disk first: it survives a server outage and a restart
             if not result.evicted:
                 with self._lock:
                     self._jobs_completed += 1
             try:
-                self._spool.deliver()
+                next_job = self._spool.send_now(job.key, body, self._submit_result)
             except AgentError as err:
                 log.warning("result of job %s kept on disk, will retry: %s", job.job_id, err)
+                return None
+            with contextlib.suppress(AgentError):  # the server answers: results it could not take before go now
+                self._spool.deliver()
+            return next_job
         finally:
             with self._lock:
                 del self._running[job.key]

@@ -2528,7 +2528,7 @@ class _DiskContents:
         try:
             file = open(self.file_path(key), "rb")
         except FileNotFoundError:
-            raise ContentGone(key) from None
+            raise ContentGone(f"{key} is gone") from None
         with file:
             while piece := file.read(256 * 1024):
                 yield piece
@@ -2633,7 +2633,7 @@ class _DatabaseContents:
         for n in range(math.ceil(size / CONTENT_CHUNK_BYTES)):
             row = await self._chunks.chunk(key, n)
             if row is None or version not in (None, row["version"]):
-                raise ContentGone(key)
+                raise ContentGone(f"{key} went or changed while it was read")
             version = row["version"]
             yield row["data"]
 
@@ -3719,28 +3719,40 @@ async def claim_view(request: web.Request) -> web.Response:
     agent names its run and numbers its polls (``run``, ``poll``), so that its heartbeats can say
     which claims reached it."""
     worker = _worker(request)
-    query = request.query
+    answer = await _next_job_answer(request, worker, *_poll_query(request.query))
+    if answer is None:
+        return web.Response(status=204)
+    return _json({"success": True, "job": answer})
+
+
+def _poll_query(query) -> tuple[float, Optional[str], Optional[int]]:
+    """A poll's ``wait``, ``run`` and ``poll``: get-job's, and submit-result's with ``next=1``."""
     wait = _query_number(query, "wait", 0, 0, MAX_LONG_POLL_SECONDS, parse=float, what="a number of seconds")
-    run = _run_id(query.get("run"), "run")
-    poll = _query_number(query, "poll", None, 1, 2**62)
+    return wait, _run_id(query.get("run"), "run"), _query_number(query, "poll", None, 1, 2**62)
+
+
+async def _next_job_answer(request: web.Request, worker: Principal, wait: float, run: Optional[str],
+                           poll: Optional[int]) -> dict | None:
+    """The job get-job hands the worker (claimed as its new attempt), or None: none came within
+    ``wait`` seconds, the worker may take none now, or it hung up."""
     if worker.state != WorkerState.AVAILABLE:
         await _wait_for_approval(request, wait)
-        return web.Response(status=204)
+        return None
     jobs = request.app[JOBS]
     job = await _claim_or_wait(request, worker, wait, run, poll)
     if job is None:
-        return web.Response(status=204)
+        return None
     if _client_gone(request):  # it hung up while we claimed: the job goes back, untouched
         await jobs.release(job)
         request.app[ANNOUNCER].job_ready(job)
-        return web.Response(status=204)
+        return None
     await jobs.deliver(job)
     answer = job_json(job, JOB_FOR_WORKER)
     if answer["fileUrl"]:
         answer["fileUrl"] = (request.app[CONFIG].public_url.rstrip("/") or f"{request.scheme}://{request.host}"
                              ) + answer["fileUrl"]
     answer["maxArtifactBytes"] = request.app[CONFIG].max_artifact_mb * 1024 * 1024  # not worth sending more
-    return _json({"success": True, "job": answer})
+    return answer
 
 
 async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, run: Optional[str],
@@ -3842,8 +3854,14 @@ async def stream_output_view(request: web.Request) -> web.Response:
 async def submit_result_view(request: web.Request) -> web.Response:
     """The worker's final word on its attempt. stdout/stderr here are appended to what was streamed.
     With ``evicted`` (why), the worker killed it to make way for its owner: it goes back to the
-    queue, at no cost to its retries or maxAttempts."""
+    queue, at no cost to its retries or maxAttempts.
+
+    With ``?next=1`` (and get-job's ``wait``, ``run``, ``poll``) the answer also carries ``next``:
+    the worker's next job as get-job would hand it over, or null. A busy agent then needs one
+    request per job."""
     worker = _worker(request)
+    query = request.query
+    next_poll = _poll_query(query) if _query_number(query, "next", 0, 0, 1) else None  # checked before the finish
     body = await _json_body(request)
     job_id = _require_string(body, "jobId", max_length=128)
     if body.get("workerId") not in (None, worker.id):
@@ -3858,7 +3876,10 @@ async def submit_result_view(request: web.Request) -> web.Response:
     evicted = _require_string(body, "evicted", required=False, max_length=200)
     await request.app[JOBS].finish(worker, job_id, _optional_int(body, "attempt", minimum=1), exit_code, error,
                                    output, _running_for(body), evicted)
-    return _json({"success": True, "message": "Result saved", "jobId": job_id})
+    answer = {"success": True, "message": "Result saved", "jobId": job_id}
+    if next_poll is not None:
+        answer["next"] = await _next_job_answer(request, worker, *next_poll)
+    return _json(answer)
 
 
 async def cancel_view(request: web.Request) -> web.Response:

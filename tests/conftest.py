@@ -158,15 +158,22 @@ async def secret_of(config: dispatch.Config, name: str = "jwt_secret") -> str:
     return (await run_sql(config, f"SELECT value FROM meta WHERE key = '{name}'"))[0][0]
 
 
-# The in-process app tests keep their data dir in memory where the machine has a tmpfs: they test
-# behaviour, not fsync (the real-process tests and bench/chaos.py use the disk).
-MEMORY_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
+# The in-process app tests keep their data dirs in memory where the machine has a tmpfs: they test
+# behaviour, not fsync (the real-process tests and bench/chaos.py use the disk). Removed at the end
+# of the session, not of each test: an app may still be closing its database after its data dir's
+# fixture has ended.
+@pytest.fixture(scope="session")
+def memory_dir(tmp_path_factory):
+    if not Path("/dev/shm").is_dir():
+        yield tmp_path_factory.mktemp("data-dirs")
+        return
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="dispatch-tests-") as memory:
+        yield Path(memory)
 
 
 @pytest.fixture
-def data_dir(tmp_path):
-    with tempfile.TemporaryDirectory(dir=MEMORY_DIR) as memory:
-        yield Path(memory) / "data" if MEMORY_DIR else tmp_path / "data"
+def data_dir(memory_dir) -> Path:
+    return Path(tempfile.mkdtemp(dir=memory_dir)) / "data"
 
 
 @pytest.fixture

@@ -389,7 +389,7 @@ def zip_of(name: str, content: str) -> bytes:
 def run_one_job(worker: agent.Agent, fake: FakeServer) -> dict:
     """poll_once() until the job was run and its result sent; the submit-result body."""
     worker.poll_once()
-    results = [body for method, path, _, body in fake.requests if path == "/api/jobs/submit-result"]
+    results = fake.bodies("/api/jobs/submit-result")
     assert len(results) == 1, fake.paths()
     return results[0]
 
@@ -450,7 +450,7 @@ def test_a_result_stays_spooled_until_the_server_takes_it(fake, make_agent):
     worker.poll_once(now=1000.0)  # past the backoff: the spool goes first
 
     assert list(spool.iterdir()) == []
-    sent = [body for _, path, _, body in fake.requests if path == "/api/jobs/submit-result"]
+    sent = fake.bodies("/api/jobs/submit-result")
     assert len(sent) == 2 and sent[1]["exitCode"] == 4 and sent[1]["attempt"] == 1
     worker.heartbeat()
     assert fake.bodies("/api/workers/heartbeat")[-1]["runningJobs"] == []

@@ -31,8 +31,8 @@ async def output(api: Api, worker: str, job_id: str, data: str, stream: str = "s
 
 
 async def result(api: Api, worker: str, job_id: str, exit_code: int = 0, worker_id: str = "worker-001",
-                 **fields):
-    return await api.call("POST", "/api/jobs/submit-result", worker=worker,
+                 params: dict | None = None, **fields):
+    return await api.call("POST", "/api/jobs/submit-result", worker=worker, params=params,
                           json={"jobId": job_id, "workerId": worker_id, "exitCode": exit_code, **fields})
 
 
@@ -300,6 +300,21 @@ async def test_long_poll_wakes_the_moment_a_job_is_submitted(api):
     assert job is not None and job["jobId"] == job_id
     assert time.monotonic() - submitted < 0.5
     assert time.monotonic() - started < 1.5
+
+
+async def test_a_result_asking_for_the_next_job_long_polls_for_it_the_same_way(api):
+    admin, worker, job_id = await running_job(api)
+    waiting = asyncio.ensure_future(result(api, worker, job_id, 0, params={"next": "1", "wait": "2"}))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()  # the result is saved, the answer waits for a job
+    assert (await api.status(admin, job_id))["status"] == "completed"
+
+    submitted = time.monotonic()
+    next_id = await api.submit(admin, "make")
+    answer = await (await waiting).json()
+
+    assert (answer["jobId"], answer["next"]["jobId"]) == (job_id, next_id)
+    assert time.monotonic() - submitted < 0.5
 
 
 async def test_long_poll_answers_204_after_the_wait_when_nothing_comes(api):

@@ -102,6 +102,88 @@ async def test_a_bad_run_or_poll_on_get_job_is_400_and_claims_nothing(api, param
     assert (await api.status(token, job_id))["status"] == "queued"
 
 
+# -- one request per job: the next job comes with the result ------------------------------------
+
+
+async def result(api: Api, worker: str, job: dict, params: dict | None = None):
+    return await api.call("POST", "/api/jobs/submit-result", worker=worker, params=params,
+                          json={"jobId": job["jobId"], "attempt": job["attempt"], "exitCode": 0})
+
+
+async def test_a_result_with_next_hands_over_the_next_job_as_a_get_job_poll(api):
+    token = await api.admin()
+    first_id, second_id = await api.submit(token, "first"), await api.submit(token, "second")
+    worker = await api.register()
+    first = await claim(api, worker, "run-a", 1)
+
+    response = await result(api, worker, first, {"next": "1", "wait": "0", "run": "run-a", "poll": "2"})
+
+    assert response.status == 200
+    answer = await response.json()
+    nxt = answer.pop("next")
+    assert answer == {"success": True, "message": "Result saved", "jobId": first_id}
+    assert (nxt["jobId"], nxt["command"], nxt["attempt"]) == (second_id, "second", 1)
+    assert nxt.keys() == first.keys()  # get-job's shape
+    assert [(await api.status(token, j))["status"] for j in (first_id, second_id)] == ["completed", "running"]
+    await heartbeat(api, worker, runningJobs=[], run="run-a", polled=1)  # the claim was poll 2: still in flight
+    assert (await api.status(token, second_id))["status"] == "running"
+    await heartbeat(api, worker, runningJobs=[], run="run-a", polled=2)  # poll 2 ended without it: a lost answer
+    assert (await api.status(token, second_id))["status"] == "queued"
+
+
+async def test_a_result_with_next_and_nothing_to_hand_over_says_next_null(api):
+    token = await api.admin()
+    await api.submit(token, "only")
+    worker = await api.register()
+    job = await claim(api, worker, "run-a", 1)
+
+    response = await result(api, worker, job, {"next": "1", "run": "run-a", "poll": "2"})
+
+    assert response.status == 200
+    assert (await response.json())["next"] is None
+
+
+async def test_a_result_without_next_is_the_contracts_answer_and_claims_nothing(api):
+    token = await api.admin()
+    await api.submit(token, "first")
+    queued_id = await api.submit(token, "second")
+    worker = await api.register()
+    job = await claim(api, worker, "run-a", 1)
+
+    response = await result(api, worker, job)
+
+    assert await response.json() == {"success": True, "message": "Result saved", "jobId": job["jobId"]}
+    assert (await api.status(token, queued_id))["status"] == "queued"
+
+
+async def test_a_stale_result_with_next_is_refused_and_claims_nothing(api):
+    token = await api.admin()
+    job_id = await api.submit(token, "first")
+    other_id = await api.submit(token, "second")
+    worker = await api.register()
+    stale = await claim(api, worker, "run-a", 1)
+    await heartbeat(api, worker, runningJobs=[], run="run-a", polled=1)  # lost: requeued, attempt 1 fenced off
+
+    response = await result(api, worker, stale, {"next": "1", "run": "run-a", "poll": "2"})
+
+    assert response.status == 409
+    assert [(await api.status(token, j))["status"] for j in (job_id, other_id)] == ["queued", "queued"]
+
+
+@pytest.mark.parametrize("params", [{"next": "2"}, {"next": "yes"}, {"next": "1", "poll": "0"},
+                                    {"next": "1", "run": "a b"}, {"next": "1", "wait": "-1"}])
+async def test_a_bad_next_or_poll_on_submit_result_is_400_and_saves_nothing(api, params):
+    token = await api.admin()
+    job_id = await api.submit(token)
+    worker = await api.register()
+    job = await claim(api, worker, "run-a", 1)
+
+    response = await result(api, worker, job, params)
+
+    assert response.status == 400
+    assert (await api.status(token, job_id))["status"] == "running"
+
+
 # -- one timeout clock ------------------------------------------------------------------------
 
 
