@@ -2199,6 +2199,13 @@ class Jobs:
         waiting_for = ahead + estimate["running"] - len(available) + 1
         return line, max(0, math.ceil(waiting_for * (estimate["mean_run"] or 0) / len(available)))
 
+    async def claimable(self, job_id: Optional[str]) -> bool:
+        """Whether the job (None: one not named) may still be claimed."""
+        if job_id is None:
+            return True
+        job = await self._store.job_by_id(job_id)
+        return job is not None and job["status"] == JobState.QUEUED and not job["parents_left"]
+
     async def find(self, job_id: str) -> dict:
         job = await self._store.job_by_id(job_id)
         if job is None:
@@ -2707,10 +2714,11 @@ def _zip_entry_count(tail: bytes, size: int) -> Optional[int]:
 
 class Ring(NamedTuple):
     """What woke a waiting worker: a job with these tags (None: look anyway), which the workers in
-    ``passed`` were woken for already and had no room for."""
+    ``passed`` were woken for already and had no room for; the job's id, if known."""
 
     tags: Optional[list[str]]
     passed: frozenset = frozenset()
+    job_id: Optional[str] = None
 
 
 class QueueBell:
@@ -2738,15 +2746,17 @@ class QueueBell:
     def forget(self, future: asyncio.Future) -> None:
         self._waiters.pop(future, None)
 
-    def ring(self, job_tags: Optional[list[str]], passed: frozenset = frozenset()) -> None:
+    def ring(self, job_tags: Optional[list[str]], passed: frozenset = frozenset(),
+             job_id: Optional[str] = None) -> None:
         """Announce one queued job to a worker not in ``passed`` (None: wake every waiting worker)."""
-        for future, (worker_tags, worker_id) in list(self._waiters.items()):
-            if job_tags is None or (worker_tags is not None and worker_id not in passed
-                                    and worker_tags.issuperset(job_tags)):
+        if job_tags is None:
+            self._wake(lambda worker_tags, waiter: True)
+            return
+        for future, (worker_tags, worker_id) in self._waiters.items():  # the first that fits: no copy
+            if worker_tags is not None and worker_id not in passed and worker_tags.issuperset(job_tags):
                 del self._waiters[future]
-                future.set_result(Ring(job_tags, passed))
-                if job_tags is not None:
-                    return
+                future.set_result(Ring(job_tags, passed, job_id))
+                return
 
     def wake_worker(self, worker_id: str) -> None:
         """Wake the worker's waiting polls: a job of its ended, so it may have room now."""
@@ -2928,8 +2938,8 @@ class Announcer:
     def job_ready(self, job: dict) -> None:
         """A queued job may be claimed now: wake a worker for it (on each server)."""
         tags = json.loads(job["tags"])
-        self._bell.ring(tags)
-        self._publish({"type": "bell.ring", "tags": tags})
+        self._bell.ring(tags, job_id=job["id"])
+        self._publish({"type": "bell.ring", "tags": tags, "jobId": job["id"]})
 
     def output(self, job: dict, stream: str, data: str, offset: int) -> None:
         """A chunk of output; ``offset`` is how many characters of the stream came before it, so a
@@ -3036,7 +3046,7 @@ class Cluster:
         """Another server's event: to this server's WebSocket clients, or to its waiting workers."""
         kind = event["type"]
         if kind == "bell.ring":
-            self._bell.ring(event["tags"])
+            self._bell.ring(event["tags"], job_id=event.get("jobId"))
         elif kind == "bell.wake_worker":
             self._bell.wake_worker(event["workerId"])
         elif kind == "bell.wake_held":
@@ -3772,8 +3782,10 @@ async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, r
                 if ring.done():  # it rang while we claimed: the job it announced may be another one
                     bell.ring(*ring.result())
                 return job
-            if woken_by is not None and woken_by.tags is not None:  # not for us: another worker may fit it
-                bell.ring(woken_by.tags, woken_by.passed | {worker.id})
+            if woken_by is not None and woken_by.tags is not None and await jobs.claimable(woken_by.job_id):
+                # Not for us (no room): another worker may fit it. A job another claim took is not
+                # passed on, or one lost race would wake every parked worker in turn.
+                bell.ring(woken_by.tags, woken_by.passed | {worker.id}, woken_by.job_id)
             remaining = deadline - time.monotonic()
             if remaining <= 0 or bell.closed:
                 return None
