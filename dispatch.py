@@ -88,8 +88,8 @@ POSTGRES_SCHEMA_PATH = Path(__file__).with_name("schema-postgresql.sql")
 POSTGRES_POOL_SIZE = 10
 ADVISORY_LOCK_SCHEMA = 7_401_001  # held while one server creates or upgrades the schema
 ADVISORY_LOCK_SWEEPS = 7_401_002  # held by the one server that runs the sweeps
-ADVISORY_LOCK_EVENTS = 7_401_003  # held while a server adds events
 EVENTS_CHANNEL = "dispatch_events"
+CLAIM_TRIES = 4  # with several servers: a claim that met only jobs another server was claiming looks again
 CLUSTER_OUTBOX_LIMIT = 10_000  # events kept for the other servers while the database is down
 EVENTS_KEPT = dt.timedelta(minutes=1)  # in the events table: a server that was away longer reads from now
 PAGE_PATH = Path(__file__).with_name("dispatch.html")
@@ -642,7 +642,8 @@ class _Postgres:
     async def connect(cls, url: str) -> "_Postgres":
         import asyncpg  # only PostgreSQL mode needs it
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=POSTGRES_POOL_SIZE, statement_cache_size=512)
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=POSTGRES_POOL_SIZE, statement_cache_size=512,
+                                             reset=_keep_session)
         except (OSError, asyncpg.PostgresError) as exc:
             raise DatabaseUnavailable(f"cannot connect to {_without_password(url)}: {exc}") from None
         return cls(pool, url)
@@ -707,11 +708,12 @@ class _Postgres:
     # What several servers on the database share: events, and who runs the sweeps. A connection of
     # its own listens for the NOTIFY and holds the sweeps' advisory lock, so both end with it.
 
-    async def listen(self, on_notify: Callable[[], None]) -> None:
+    async def listen(self, on_notify: Callable[[str], None]) -> None:
+        """Call ``on_notify(server)`` when a server has published events."""
         import asyncpg
         listener = await asyncpg.connect(self.url)
         try:
-            await listener.add_listener(EVENTS_CHANNEL, lambda *_: on_notify())
+            await listener.add_listener(EVENTS_CHANNEL, lambda _conn, _pid, _channel, origin: on_notify(origin))
         except BaseException:  # cancelled too: the server stops
             listener.terminate()
             raise
@@ -734,13 +736,9 @@ class _Postgres:
         return self._leading
 
     async def publish_events(self, server: str, at: str, events: list[dict]) -> None:
-        """Add this server's events, in order, and tell the others. One server at a time (the lock), so
-        ids become visible in their order and a reader that saw id n never misses a smaller one."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK_EVENTS)
-            await conn.execute("INSERT INTO events (server, at, event) SELECT $1, $2, value FROM json_each($3)"
-                               " ORDER BY key", server, at, json.dumps(events))
-            await conn.execute(f"NOTIFY {EVENTS_CHANNEL}")
+        """Add this server's events, in order, and tell the others (schema-postgresql.sql's
+        publish_events: one round trip)."""
+        await self.all("SELECT publish_events(?, ?, ?) AS done", (server, at, json.dumps(events)))
 
     async def events_after(self, last_id: int, server: str) -> list[dict]:
         """The other servers' events after ``last_id``, oldest first."""
@@ -801,6 +799,11 @@ class _FileChunks:
         """Delete the contents whose keys sort, byte by byte, from ``first`` up to (not including) ``end``."""
         await self._engine.all('DELETE FROM file_chunks WHERE key COLLATE "C" >= ? AND key COLLATE "C" < ?',
                                (first, end))
+
+
+async def _keep_session(_connection) -> None:
+    """What the pool does to a connection given back: nothing. Its connections hold no session state
+    (no LISTEN, no session lock, no SET), and asyncpg's default reset costs a round trip each time."""
 
 
 def _is_postgres(where: str | Path) -> bool:
@@ -1343,7 +1346,19 @@ class _JobTables(_Database):
 
         One UPDATE, so two workers polling at once can never both get a job, nor one worker more
         than it has room for; and a worker that may not take jobs (pending approval, paused by an
-        admin or by its agent) gets none, whatever its caller believed."""
+        admin or by its agent) gets none, whatever its caller believed.
+
+        With several servers, a claim skips the job another server is claiming at that moment (the
+        lock); as each person's best job is the only one looked at, that can leave nothing, so a claim
+        that found nothing while claimable jobs remain tries again."""
+        for _ in range(CLAIM_TRIES if self.shared else 1):
+            job = await self._claim_once(worker_id, worker_tags, run, poll)
+            if job is not None or not self.shared or not await self._one(
+                    "SELECT 1 AS any FROM jobs WHERE status = 'queued' AND parents_left = 0 LIMIT 1"):
+                return job
+        return None
+
+    async def _claim_once(self, worker_id: str, worker_tags: str, run: str | None, poll: int | None) -> dict | None:
         return await self._one(
             f"""UPDATE jobs SET status = 'running', worker_id = :worker, attempt = attempt + 1, started_at = :now,
                                command_started_at = NULL, claim_run = :run, claim_poll = :poll,
@@ -2987,9 +3002,9 @@ class Announcer:
 
 class Cluster:
     """Servers sharing one PostgreSQL database: what one announces (events, and wake-ups for its
-    waiting workers) reaches the others through the events table, with a NOTIFY that carries no
-    payload, so neither NOTIFY's 8,000-byte cap nor a pooler that drops LISTEN (transaction
-    pooling) loses anything: each server also looks once a second. One server at a time, the one
+    waiting workers) reaches the others through the events table, with a NOTIFY that carries only
+    the sending server's id, so neither NOTIFY's 8,000-byte cap nor a pooler that drops LISTEN
+    (transaction pooling) loses anything: each server also looks once a second. One server at a time, the one
     holding an advisory lock, runs the sweeps."""
 
     def __init__(self, engine: _Postgres, hub: EventHub, bell: QueueBell, clock: Clock):
@@ -3030,7 +3045,7 @@ class Cluster:
             self._notified.clear()
             try:
                 if not self._engine.listening():
-                    await self._engine.listen(self._notified.set)
+                    await self._engine.listen(self._notice)
                 if last_id is None:
                     last_id = await self._engine.last_event_id()
                 for row in await self._engine.events_after(last_id, self.server_id):
@@ -3041,6 +3056,10 @@ class Cluster:
                 await self._engine.stop_listening()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._notified.wait(), 1.0)
+
+    def _notice(self, origin: str) -> None:
+        if origin != self.server_id:  # its own events this server has delivered already
+            self._notified.set()
 
     def deliver(self, event: dict) -> None:
         """Another server's event: to this server's WebSocket clients, or to its waiting workers."""

@@ -230,6 +230,15 @@ CREATE TABLE IF NOT EXISTS events (
     event     TEXT NOT NULL   -- the event's JSON, as sent to WebSocket clients
 );
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
+-- A server's events, in order, then a NOTIFY naming the server (so it can skip its own). One server
+-- at a time (the lock, until the statement's transaction ends), so ids become visible in their
+-- order and a reader that has seen id n never misses a smaller one.
+CREATE OR REPLACE FUNCTION publish_events(origin text, moment text, batch text) RETURNS void
+LANGUAGE plpgsql AS $$ BEGIN
+    PERFORM pg_advisory_xact_lock(7401003);
+    INSERT INTO events (server, at, event) SELECT origin, moment, value FROM json_each(batch) ORDER BY key;
+    PERFORM pg_notify('dispatch_events', origin);
+END $$;
 
 -- The contents of uploads, blobs and artifacts, in chunks of at most 1 MB, so that every server can
 -- serve every file and one pg_dump backs up the whole farm. key: "upload/<id>", "blob/<sha256>" or

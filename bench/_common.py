@@ -531,6 +531,7 @@ class PostgresDatabase:
     @staticmethod
     def _run(url: str, sql: str) -> list[dict]:
         import asyncio
+        import concurrent.futures
 
         import asyncpg
 
@@ -541,4 +542,5 @@ class PostgresDatabase:
             finally:
                 await connection.close()
 
-        return asyncio.run(run())
+        with concurrent.futures.ThreadPoolExecutor(1) as thread:  # callers may be inside an event loop
+            return thread.submit(asyncio.run, run()).result()

@@ -8,6 +8,7 @@
     python bench/throughput.py --idle-agents 1000                  # 1,000 long-polling agents
     python bench/throughput.py --upload 500                        # one 500 MB upload
     python bench/throughput.py --upload 500 --postgres postgresql://postgres@127.0.0.1/postgres  # stored there
+    python bench/throughput.py --postgres postgresql://postgres@127.0.0.1/postgres [--servers 2]  # also --latency
     python bench/throughput.py --farm 5000                         # 5,000 parked agents (issue 12)
 
 Every figure comes from real processes on 127.0.0.1: the server's and agents' CPU is read
@@ -147,24 +148,32 @@ class DispatchClient:
 
 
 class DispatchFarm:
-    """One real dispatch.py and K real agent.py processes, warm and registered."""
+    """Real dispatch.py processes (one on SQLite; or ``servers`` on the PostgreSQL ``database``) and
+    K real agent.py processes, warm and registered. Jobs are submitted to the first server; the
+    agents poll the last one, so with two servers every pickup crosses from one server to the other."""
 
     name = "dispatch"
 
     def __init__(self, root: Path, agents: int, *, durability: str = "normal", server_env: dict | None = None,
-                 concurrency: int = 1, **server_options):
+                 concurrency: int = 1, database: PostgresDatabase | None = None, servers: int = 1,
+                 **server_options):
         self.root = root
-        self.server = DispatchServer(root / "server", durability=durability, env=server_env, **server_options)
+        self.database = database
+        env = {**(server_env or {}), **({"DISPATCH_DATABASE_URL": database.url} if database else {})}
+        self.servers = [DispatchServer(root / f"server-{n}" if n else root / "server", durability=durability,
+                                       env=env, **server_options) for n in range(servers)]
+        self.server = self.servers[0]
         self.agent_count = agents
         self.concurrency = concurrency
         self.agents: Agents | None = None
         self.token = ""
 
     def start(self) -> "DispatchFarm":
-        self.server.start()
+        for server in self.servers:
+            server.start()
         self.token = login(self.server.url)
         if self.agent_count:
-            self.agents = Agents(self.root / "agents", self.server.url, self.agent_count,
+            self.agents = Agents(self.root / "agents", self.servers[-1].url, self.agent_count,
                                  concurrency=self.concurrency).start()
             wait_for_workers(self.server.url, self.token, self.agents.worker_ids())
         return self
@@ -172,21 +181,31 @@ class DispatchFarm:
     def stop(self) -> None:
         if self.agents:
             self.agents.stop()
-        self.server.stop()
+        for server in self.servers:
+            server.stop()
+
+    def server_cpu_seconds(self) -> float:
+        """All the servers' CPU (not PostgreSQL's own)."""
+        return sum(cpu_seconds(server.pid) for server in self.servers)
+
+    def rows(self, sql: str) -> list:
+        """A query's rows from the jobs database, whichever engine."""
+        if self.database:
+            return self.database.rows(sql)
+        with self.server.db() as db:
+            return db.execute(sql).fetchall()
 
     def client(self, limit: int = 64) -> DispatchClient:
         return DispatchClient(self.server.url, self.token, limit)
 
     def finished(self) -> tuple[int, int]:
         """(finished jobs, failed jobs) from the database."""
-        with self.server.db() as db:
-            row = db.execute(f"SELECT SUM({FINISHED_SQL}) AS done, SUM(status = 'failed') AS failed,"
-                             " COALESCE(MAX(seq), 0) AS seq FROM jobs").fetchone()
+        [row] = self.rows(f"SELECT SUM(CASE WHEN {FINISHED_SQL} THEN 1 ELSE 0 END) AS done,"
+                          " SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) AS failed FROM jobs")
         return row["done"] or 0, row["failed"] or 0
 
     def max_seq(self) -> int:
-        with self.server.db() as db:
-            return db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
+        return self.rows("SELECT COALESCE(MAX(seq), 0) AS seq FROM jobs")[0]["seq"]
 
     def wait_finished(self, count: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -241,10 +260,10 @@ async def dispatch_drain(farm: DispatchFarm, n: int, *, concurrency: int, cap: f
     server_pid = farm.server.pid
     base_done, base_seq = farm.finished()[0], farm.max_seq()
     farm.agents.pause()
-    s0, c0, w0 = cpu_seconds(server_pid), time.process_time(), time.monotonic()
+    s0, c0, w0 = farm.server_cpu_seconds(), time.process_time(), time.monotonic()
     async with farm.client(concurrency) as client:
         await client.submit_all(["true"] * n, concurrency)
-    s1, c1, w1 = cpu_seconds(server_pid), time.process_time(), time.monotonic()
+    s1, c1, w1 = farm.server_cpu_seconds(), time.process_time(), time.monotonic()
     a1 = farm.agents.cpu_seconds()
     profilers = []
     if profile:
@@ -257,12 +276,11 @@ async def dispatch_drain(farm: DispatchFarm, n: int, *, concurrency: int, cap: f
     farm.agents.resume()
     complete = farm.wait_finished(base_done + n, cap)
     t_seen = time.time()
-    s2, a2 = cpu_seconds(server_pid), farm.agents.cpu_seconds()
+    s2, a2 = farm.server_cpu_seconds(), farm.agents.cpu_seconds()
     for p in profilers:
         p.__exit__(None, None, None)
-    with farm.server.db() as db:
-        row = db.execute(f"SELECT COUNT(*) AS done, SUM(status = 'completed') AS ok, MAX(completed_at) AS last"
-                         f" FROM jobs WHERE seq > ? AND {FINISHED_SQL}", (base_seq,)).fetchone()
+    [row] = farm.rows(f"SELECT COUNT(*) AS done, SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END) AS ok,"
+                      f" MAX(completed_at) AS last FROM jobs WHERE seq > {int(base_seq)} AND {FINISHED_SQL}")
     done = row["done"]
     t_end = parse_iso(row["last"]) if complete and row["last"] else t_seen
     drain = max(t_end - t0, 1e-6)
@@ -291,10 +309,10 @@ async def sim_drain(farm: DispatchFarm, n: int, agents: int, *, concurrency: int
     submit_profiler = Profiler(server_pid, profile / "server-submit") if profile else None
     if submit_profiler:
         submit_profiler.__enter__()
-    s0, c0, w0 = cpu_seconds(server_pid), time.process_time(), time.monotonic()
+    s0, c0, w0 = farm.server_cpu_seconds(), time.process_time(), time.monotonic()
     async with farm.client(concurrency) as client:
         await client.submit_all(["true"] * n, concurrency)
-    s1, c1, w1 = cpu_seconds(server_pid), time.process_time(), time.monotonic()
+    s1, c1, w1 = farm.server_cpu_seconds(), time.process_time(), time.monotonic()
     if submit_profiler:
         submit_profiler.__exit__(None, None, None)
     done_count = 0
@@ -336,16 +354,15 @@ async def sim_drain(farm: DispatchFarm, n: int, agents: int, *, concurrency: int
     except asyncio.TimeoutError:
         complete = False
     t_seen = time.time()
-    s2, c2 = cpu_seconds(server_pid), time.process_time()
+    s2, c2 = farm.server_cpu_seconds(), time.process_time()
     for p in profilers:
         p.__exit__(None, None, None)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await session.close()
-    with farm.server.db() as db:
-        row = db.execute(f"SELECT COUNT(*) AS done, SUM(status = 'completed') AS ok, MAX(completed_at) AS last"
-                         f" FROM jobs WHERE seq > ? AND {FINISHED_SQL}", (base_seq,)).fetchone()
+    [row] = farm.rows(f"SELECT COUNT(*) AS done, SUM(CASE WHEN status = 'completed' THEN 1 ELSE 0 END) AS ok,"
+                      f" MAX(completed_at) AS last FROM jobs WHERE seq > {int(base_seq)} AND {FINISHED_SQL}")
     t_end = parse_iso(row["last"]) if complete and row["last"] else t_seen
     drain = max(t_end - t0, 1e-6)
     done = row["done"]
@@ -368,6 +385,21 @@ def print_drain(r: dict, label: str = "") -> None:
           f"      peak server RSS {r['peak_rss_mb']:.1f} MB", flush=True)
 
 
+def postgres_for(args):
+    """A fresh PostgreSQL database for the run when asked for (--postgres), else nothing."""
+    if args.servers > 1 and not args.postgres:
+        raise SystemExit("--servers > 1 needs --postgres URL (servers share a PostgreSQL database)")
+    return PostgresDatabase(args.postgres) if args.postgres else contextlib.nullcontext()
+
+
+def where(args) -> str:
+    if not args.postgres:
+        return "; SQLite"
+    return (f"; PostgreSQL, {args.servers} servers (submits to the first, agents on the last: every pickup crosses"
+            f" between servers)" if args.servers > 1 else "; PostgreSQL, 1 server") + \
+        " (server CPU below is dispatch.py's, not PostgreSQL's)"
+
+
 def mode_throughput(args) -> int:
     if args.sim_agents:
         print(f"-- server throughput: {args.jobs} jobs, {args.agents} protocol-only agents in the bench process "
@@ -375,11 +407,12 @@ def mode_throughput(args) -> int:
               f"{'a connection per request' if args.sim_no_keepalive else 'keep-alive'}), {args.runs} run(s);"
               f" 'agents' CPU below is the bench process's")
     else:
-        print(f"-- throughput: {args.jobs} jobs of `true`, {args.agents} agents, {args.runs} run(s)")
+        print(f"-- throughput: {args.jobs} jobs of `true`, {args.agents} agents, {args.runs} run(s){where(args)}")
     results = []
     for run in range(args.runs):
-        with Workspace(args.keep) as ws:
-            farm = DispatchFarm(ws, 0 if args.sim_agents else args.agents).start()
+        with Workspace(args.keep) as ws, postgres_for(args) as database:
+            farm = DispatchFarm(ws, 0 if args.sim_agents else args.agents, database=database,
+                                servers=args.servers).start()
             try:
                 profile = None
                 if args.profile and run == 0:
@@ -432,12 +465,11 @@ async def dispatch_probes(farm: DispatchFarm, stamps: Path, prefix: str, count: 
 def dispatch_breakdown(farm: DispatchFarm, stamps: dict[str, float], submitted: dict[str, float]) -> str:
     """Where the pickup time goes, from the server's own timestamps (ms precision)."""
     rows = []
-    with farm.server.db() as db:
-        for job in db.execute("SELECT command, created_at, started_at FROM jobs WHERE started_at IS NOT NULL"):
-            tag = job["command"].split('"')[1].split()[-1] if '"' in job["command"] else None
-            if tag in submitted and tag in stamps:
-                rows.append((parse_iso(job["created_at"]) - submitted[tag], parse_iso(job["started_at"]) -
-                             parse_iso(job["created_at"]), stamps[tag] - parse_iso(job["started_at"])))
+    for job in farm.rows("SELECT command, created_at, started_at FROM jobs WHERE started_at IS NOT NULL"):
+        tag = job["command"].split('"')[1].split()[-1] if '"' in job["command"] else None
+        if tag in submitted and tag in stamps:
+            rows.append((parse_iso(job["created_at"]) - submitted[tag], parse_iso(job["started_at"]) -
+                         parse_iso(job["created_at"]), stamps[tag] - parse_iso(job["started_at"])))
     if not rows:
         return ""
     parts = [percentile([r[i] * 1000 for r in rows], 50) for i in range(3)]
@@ -446,9 +478,10 @@ def dispatch_breakdown(farm: DispatchFarm, stamps: dict[str, float], submitted: 
 
 
 def mode_latency(args) -> int:
-    print(f"-- latency: {args.agents} idle warm agents; submit → command start (its own `date +%s.%N`)")
-    with Workspace(args.keep) as ws:
-        farm = DispatchFarm(ws, args.agents).start()
+    print(f"-- latency: {args.agents} idle warm agents; submit → command start (its own `date +%s.%N`)"
+          f"{where(args)}")
+    with Workspace(args.keep) as ws, postgres_for(args) as database:
+        farm = DispatchFarm(ws, args.agents, database=database, servers=args.servers).start()
         try:
             asyncio.run(farm.warm_up(args.warmup))
             base = args.rate
@@ -1390,7 +1423,9 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--big-output", type=int, metavar="MB", nargs="?", const=100, help="one job printing MB")
     modes.add_argument("--idle-agents", type=int, metavar="N", nargs="?", const=1000, help="N long-polling agents")
     modes.add_argument("--upload", type=int, metavar="MB", nargs="?", const=500, help="one upload of MB")
-    modes.add_argument("--postgres", metavar="URL", help="--upload: the server on PostgreSQL, in a database of "
+    modes.add_argument("--servers", type=int, default=1, help="throughput and --latency: servers on the "
+                       "--postgres database (submits to the first, agents on the last)")
+    modes.add_argument("--postgres", metavar="URL", help="throughput, --latency, --upload: the server(s) on PostgreSQL, in a database of "
                                                          "the run's own made through URL and dropped at the end")
     modes.add_argument("--farm", type=int, metavar="N", nargs="?", const=5000,
                        help="farm size (issue 12): N parked protocol-only agents in separate processes; server RSS, "

@@ -115,7 +115,7 @@ def database_url(request) -> str:
                           FOR name IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
                               EXECUTE format('DELETE FROM %I', name);  -- TRUNCATE costs an fsync a table
                           END LOOP;
-                          IF to_regclass('jobs_seq') IS NOT NULL THEN ALTER SEQUENCE jobs_seq RESTART; END IF;
+                          IF to_regclass('jobs_seq') IS NOT NULL THEN PERFORM setval('jobs_seq', 1, false); END IF;
                       END $$""")
     return url
 
