@@ -161,6 +161,38 @@ def test_timeout_kills_the_whole_tree_including_a_setsid_child(user, start_agent
     assert wait_gone(pids) == []
 
 
+def children_of(pid: int) -> dict:
+    """{child pid: its state letter} over every thread of `pid`."""
+    children = {}
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{thread}/children") as f:
+            for child in map(int, f.read().split()):
+                try:
+                    with open(f"/proc/{child}/stat") as stat_file:
+                        children[child] = stat_file.read().rsplit(")", 1)[1].split()[0]
+                except FileNotFoundError:  # reaped meanwhile
+                    pass
+    return children
+
+
+def test_orphans_a_job_leaves_are_the_agents_children_killed_and_reaped(user, start_agent):
+    """Linux: the agent is its jobs' subreaper. An orphan that ended by itself and one still running
+    when the job ends are both its children; the second is killed, and neither is left a zombie."""
+    agent = start_agent("desk-1")
+    job_id = user.submit("(setsid sh -c 'echo quick $$; sleep 0.2' &);"
+                         " (setsid sh -c 'echo lingering $$; exec sleep 600' &); sleep 1.5; echo done")
+    running = user.wait(job_id, until=lambda job: "lingering" in job["stdout"] and "quick" in job["stdout"])
+    [quick], [lingering] = pids_in(running["stdout"], "quick"), pids_in(running["stdout"], "lingering")
+    assert {quick, lingering} <= children_of(agent.process.pid).keys()  # adopted by the agent, not init
+
+    job = user.wait(job_id)
+
+    assert (job["status"], job["stdout"].splitlines()[-1]) == ("completed", "done")
+    assert wait_gone([lingering]) == []
+    wait_until(lambda: "Z" not in children_of(agent.process.pid).values(), message="no zombie left")
+    assert not {quick, lingering} & children_of(agent.process.pid).keys()
+
+
 def test_background_child_holding_the_pipe_does_not_hold_the_job(user, start_agent):
     start_agent("desk-1")
     started = time.monotonic()

@@ -19,6 +19,7 @@ import agent
 ROOT = Path(__file__).resolve().parent.parent  # not from conftest: these run without it (see ci.yml)
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 def test_agent_py_needs_nothing_newer_than_python_3_9():
     run_vermin = "import sys, vermin; sys.exit(vermin.main())"
     result = subprocess.run([sys.executable, "-c", run_vermin, "--no-tips", "--violations", "-t=3.9-",

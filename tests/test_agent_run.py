@@ -68,6 +68,7 @@ def run(tmp_path: Path, command: str, *, timeout: float = 10, sink=None, halt=No
                          send_output=sink or Sink(), halt=halt or threading.Event())
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 @unix_only
 def test_output_is_streamed_complete_in_order_and_in_bounded_batches(tmp_path):
     sink = Sink()
@@ -101,6 +102,7 @@ def test_exit_codes_are_reported_as_a_shell_shows_them():
     assert agent._exit_code(3221225477) == -1073741819  # a Windows crash (0xC0000005), as cmd shows it
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 @unix_only
 def test_timeout_kills_a_tree_that_ignores_sigterm(tmp_path, monkeypatch):
     monkeypatch.setattr(agent, "KILL_GRACE_SECONDS", 0.5)
@@ -471,6 +473,43 @@ def test_a_refused_result_is_dropped_not_retried(fake, make_agent):
 
 
 @unix_only
+def test_a_busy_agent_gets_its_next_job_with_the_result(fake, make_agent):
+    fake.route("GET", "/api/jobs/get-job", job_answer(jobId="job-1"), (204, {}, b""))
+    _, _, second = job_answer(jobId="job-2", command="exit 3")
+    fake.route("POST", "/api/jobs/submit-result", (200, {}, {"success": True, "next": second["job"]}),
+               (200, {}, {"success": True, "next": None}))
+    worker = make_agent(fake.url)
+
+    worker.poll_once()
+
+    assert [body["jobId"] for body in fake.bodies("/api/jobs/submit-result")] == ["job-1", "job-2"]
+    assert fake.bodies("/api/jobs/submit-result")[1]["exitCode"] == 3
+    assert len(fake.queries("/api/jobs/get-job")) == 1
+    run = fake.queries("/api/jobs/get-job")[0]["run"]
+    assert fake.queries("/api/jobs/submit-result") == [
+        {"next": "1", "wait": "0", "run": run, "poll": "2"}, {"next": "1", "wait": "0", "run": run, "poll": "3"}]
+    worker.heartbeat()
+    assert (fake.bodies("/api/workers/heartbeat")[-1]["polled"], worker._busy()) == (3, 0)
+
+
+@unix_only
+def test_a_stopping_agent_sends_its_last_result_without_asking_for_more(fake, make_agent):
+    fake.route("GET", "/api/jobs/get-job", job_answer(command="echo bye"), (204, {}, b""))
+    worker = make_agent(fake.url)
+
+    def stop_while_it_runs():
+        worker.request_stop()
+        return 200, {}, {"success": True}
+
+    fake.route("POST", "/api/jobs/stream-output", stop_while_it_runs)
+
+    worker.poll_once()
+
+    assert fake.queries("/api/jobs/submit-result") == [{}]  # the contract's plain submit-result
+    assert fake.bodies("/api/jobs/submit-result")[0]["jobId"] == "job-1"
+
+
+@unix_only
 def test_a_restarted_agent_first_tells_the_server_which_jobs_it_still_holds(fake, make_agent):
     fake.route("GET", "/api/jobs/get-job", job_answer(jobId="job-done"), (204, {}, b""))
     fake.route("POST", "/api/jobs/submit-result", (503, {}, {"message": "down"}))
@@ -544,11 +583,12 @@ def test_a_heartbeat_never_counts_a_poll_whose_job_is_not_listed_yet(fake, make_
         ("get-job in flight", 0, []),
         ("answer received", 0, []),  # job-1 is not listed yet, so poll 1 does not count as answered
         ("job running", 1, ["job-1"]),
-        ("result delivered", 1, []),
-        ("next poll answered", 2, []),
+        ("result delivered", 2, []),  # the result asked for the next job (next=1): poll 2, answered without one
+        ("next poll answered", 3, []),
     ]
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 @unix_only
 def test_output_and_result_say_how_long_the_command_has_been_running_not_the_download(fake, make_agent):
     def slow_download():

@@ -183,6 +183,7 @@ def test_the_restart_hands_the_token_over_through_a_pipe_not_the_environment(mon
 # --- --run-as --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 @as_root_with_nobody
 def test_a_job_run_as_another_user_is_killed_with_its_whole_tree(open_dir, monkeypatch):
     monkeypatch.setattr(agent, "KILL_GRACE_SECONDS", 0.5)

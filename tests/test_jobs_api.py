@@ -317,6 +317,7 @@ async def test_a_result_asking_for_the_next_job_long_polls_for_it_the_same_way(a
     assert time.monotonic() - submitted < 0.5
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 async def test_long_poll_answers_204_after_the_wait_when_nothing_comes(api):
     worker = await api.register()
     await api.submit(await api.admin(), "needs a gpu", tags=["gpu"])  # a job, but not for this worker
@@ -353,6 +354,7 @@ async def test_ten_workers_racing_for_one_job_exactly_one_gets_it(api):
     assert (job["status"], job["workerId"], job["attempts"]) == ("running", f"w{winner}", 1)
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 async def test_ten_long_polling_workers_woken_by_one_job_exactly_one_gets_it(api):
     admin = await api.admin()
     workers = [await api.register(f"w{n}") for n in range(10)]

@@ -201,6 +201,7 @@ async def test_a_finished_job_frees_its_worker_for_a_waiting_poll(api):
     assert time.monotonic() - finished < 1
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 async def test_a_worker_woken_for_a_job_it_has_no_room_for_passes_it_on(api):
     admin = await api.admin()
     busy = await api.register("busy", cpus=2)

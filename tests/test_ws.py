@@ -223,6 +223,7 @@ async def open_silent_client(api: Api, token: str):
     return writer
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 async def test_a_client_that_never_reads_blocks_neither_other_clients_nor_the_api(api):
     admin = await api.admin()
     worker = await api.register()
@@ -259,6 +260,7 @@ async def test_a_client_that_never_reads_blocks_neither_other_clients_nor_the_ap
     assert time.monotonic() - started < 15
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 async def test_a_client_that_never_reads_is_closed_within_a_bounded_backlog_of_bytes(client, api):
     """Large chunks fill a silent client's backlog long before any count of events would: it is
     closed once it is WS_BACKLOG_BYTES behind, and what it had waiting is freed at once."""
@@ -420,6 +422,7 @@ async def test_a_heartbeat_is_announced_only_when_it_changes_what_a_page_shows(a
     await ws.close()
 
 
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 async def test_heartbeats_come_in_one_summary_an_interval_and_missing_them_is_announced(api, clock):
     admin = await api.admin()
     worker = await api.register()
