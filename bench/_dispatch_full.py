@@ -15,9 +15,9 @@ import dispatch  # noqa: E402
 _open = dispatch.Store.open.__func__
 
 
-async def _open_full(cls, path):
-    store = await _open(cls, path)
-    await store._conn.execute("PRAGMA synchronous = FULL")
+async def _open_full(cls, where, clock=None):
+    store = await _open(cls, where, clock)
+    await store.engine.all("PRAGMA synchronous = FULL")
     return store
 
 
