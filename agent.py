@@ -657,7 +657,7 @@ class _Servers:
         _cut_requests_to(url)
 
 
-# === Platform: Windows Job Objects, memory size, private files, the work-dir lock, the job user ===
+# === Platform: Windows Job Objects, the Linux subreaper, memory size, private files, the work-dir lock, the job user ===
 
 
 class _JOBOBJECT_BASIC_LIMIT_INFORMATION(ctypes.Structure):
@@ -807,6 +807,21 @@ class _MEMORYSTATUSEX(ctypes.Structure):
             "ullAvailExtendedVirtual",
         )
     ]
+
+
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def _become_subreaper() -> bool:
+    """Linux: make this process the subreaper of its descendants (a process whose parent dies
+    becomes its child, not init's) and say whether it is; the setting lasts for the process's life."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    return prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def _total_memory_mb() -> Optional[int]:
@@ -1919,29 +1934,110 @@ def _zip_file(zf: zipfile.ZipFile, raw, path: str, name: str, st, max_bytes: Opt
 # === Process trees: find and kill everything a job started ===
 
 
-def _marked_pids(prefix: str) -> set:
+class _Descendants:
+    """Linux, once the agent is a subreaper (see _become_subreaper): whatever a job starts stays
+    among the agent's descendants, even a process that left the job's session and lost its parent,
+    so a job's tree is found by walking them instead of reading every process's environment.
+
+    The orphans the agent adopts are its own to reap: each walk reaps those that have died. A job's
+    shell is never reaped here (subprocess does it): _spawn lists it before a walk can see it.
+    """
+
+    def __init__(self):
+        self.enabled = False
+        self.lock = threading.Lock()  # held while a job's shell is started and listed, and while reaping
+        self.shells = set()  # pids of the jobs' shells not yet reaped by subprocess
+        self._session = None
+
+    def enable(self) -> bool:
+        """Become the subreaper, where the walk can be made; False where it cannot."""
+        children = Path(f"/proc/self/task/{threading.get_native_id()}/children")
+        if not self.enabled and _become_subreaper() and children.exists():
+            self._session = os.getsid(0)
+            self.enabled = True
+        return self.enabled
+
+    def walk(self) -> list:
+        """Pids of the agent's descendants; the adopted ones that died are reaped on the way."""
+        found, parents = [], [os.getpid()]
+        while parents:
+            parent = parents.pop()
+            children = _children_of(parent)
+            if parent == os.getpid():
+                children = [pid for pid in children if not self._reaped(pid)]
+            found += children
+            parents += children
+        return found
+
+    def shell_reaped(self, popen: subprocess.Popen) -> None:
+        """Forget a job's shell once subprocess has reaped it: its pid may be anyone's now."""
+        if popen.returncode is not None:
+            with self.lock:
+                self.shells.discard(popen.pid)
+
+    def _reaped(self, pid: int) -> bool:
+        """Reap `pid`, a child of the agent, if it is an adopted orphan that has died."""
+        with self.lock:
+            if pid in self.shells:
+                return False
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold anything
+            except (OSError, IndexError):
+                return False
+            # A child outside the agent's session came from a job (a job's session cannot be left for ours).
+            if fields[0] != b"Z" or int(fields[3]) == self._session:
+                return False
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return True
+
+
+_DESCENDANTS = _Descendants()
+
+
+def _children_of(pid: int) -> list:
+    """Linux: the pids of the children of every thread of process `pid` ([] once it is gone)."""
+    children = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/children", "rb") as f:
+                children += [int(child) for child in f.read().split()]
+        except OSError:
+            pass
+    return children
+
+
+def _marked_pids(prefix: str, *, anywhere: bool = False) -> set:
     """Pids of live processes whose environment has MARKER_ENV set to a value starting with `prefix`.
 
     The marker is inherited by every descendant, including those that left the process group with
     setsid, so it finds a job's whole tree (the way Jenkins' ProcessTreeKiller does). Linux reads
-    /proc, macOS asks `ps -E` (best effort); elsewhere only the process group is used. Windows jobs
-    live in Job Objects instead.
+    /proc: the agent's descendants only, once it is a subreaper (see _Descendants), unless
+    `anywhere`; every process otherwise. macOS asks `ps -E` (best effort); elsewhere only the
+    process group is used. Windows jobs live in Job Objects instead.
     """
     needle = f"{MARKER_ENV}={prefix}"
     pids = set()
     if sys.platform.startswith("linux"):
         needle_bytes = needle.encode()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+        if _DESCENDANTS.enabled and not anywhere:
+            candidates = _DESCENDANTS.walk()
+        else:
+            candidates = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+        for pid in candidates:
             try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
+                with open(f"/proc/{pid}/environ", "rb") as f:
                     environ = f.read()
             except OSError:  # gone, or not ours to read
                 continue
             # A zombie's environ reads empty, so only live processes are found.
             if any(var.startswith(needle_bytes) for var in environ.split(b"\0")):
-                pids.add(int(entry))
+                pids.add(pid)
     elif sys.platform == "darwin":
         result = subprocess.run(
             ["ps", "-A", "-ww", "-E", "-o", "pid=,command="],
@@ -1960,7 +2056,7 @@ def _marked_pids(prefix: str) -> set:
 
 def _kill_marked(prefix: str) -> int:
     """SIGKILL every process marked with `prefix` (what an earlier run of this agent left); count them."""
-    pids = _marked_pids(prefix)
+    pids = _marked_pids(prefix, anywhere=True)  # an earlier run's processes are not this one's descendants
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
@@ -1995,7 +2091,8 @@ class _ProcessTree:
                 )
             self._windows_job = None
             return
-        if self._popen.poll() is not None and not self._group_alive() and not _marked_pids(self._marker):
+        # The walk first: it reaps what the job left that has died, which would keep the group alive.
+        if self._popen.poll() is not None and not _marked_pids(self._marker) and not self._group_alive():
             return  # it ended by itself and left nothing behind: no signal, no wait
         self._signal(signal.SIGTERM)
         if self.suspended:
@@ -2373,17 +2470,21 @@ def _spawn(command: str, cwd: Path, env: dict, user: Optional[_JobUser] = None) 
     )
     if user is not None:
         isolation.update(user.popen_args())
-    return subprocess.Popen(
-        command,
-        shell=True,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-        **isolation,
-    )
+    with _DESCENDANTS.lock:  # listed before a walk could take it for an orphan and reap it
+        popen = subprocess.Popen(
+            command,
+            shell=True,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            **isolation,
+        )
+        if _DESCENDANTS.enabled:
+            _DESCENDANTS.shells.add(popen.pid)
+    return popen
 
 
 def _exit_code(returncode: int) -> int:
@@ -2441,6 +2542,7 @@ def run_job(command: str, cwd: Path, *, env: dict, marker: str, timeout: float, 
         raise
     finally:
         tree.kill(grace)  # the whole tree of a killed or lost job; what a finished one left running
+        _DESCENDANTS.shell_reaped(proc)
     output.wait_eof(PIPE_GRACE_SECONDS)
     if error:
         output.note(f"dispatch-agent: {error}")
@@ -2876,6 +2978,7 @@ class Agent:
     def run_forever(self) -> None:
         """Take and run jobs until request_stop(); return once stopped (see request_stop)."""
         self.prepare()
+        _DESCENDANTS.enable()  # Linux: what a job leaves behind becomes this process's child, not init's
         cfg = self.config
         log.info(
             "dispatch agent %s: worker %s, server %s, %d slot(s), tags %s, work dir %s%s",

@@ -4762,7 +4762,8 @@ def _print_banner(app: web.Application) -> None:
     config, token = app[CONFIG], app[REGISTRATION].value
     host = _lan_address() if config.host in ("0.0.0.0", "::", "") else config.host
     url = config.public_url.rstrip("/") or f"http://{host}:{config.port}"
-    lines = [f"dispatch {__version__} listening on http://{config.host}:{config.port} (data in {config.data_path})",
+    where = _without_password(config.database_url) if config.database_url else config.data_path
+    lines = [f"dispatch {__version__} listening on http://{config.host}:{config.port} (data in {where})",
              f"  web page & API:      {url}/  (API under {url}/api)",
              f"  registration token:  {token}"]
     if FIRST_ADMIN in app:
