@@ -9,7 +9,8 @@ The agent registers (its worker token is kept in the work dir and reused after a
 long-polls the server for jobs, runs each job's command in a fresh directory holding the job's
 input (checked against its sha256; a zip is extracted safely), streams the output, kills the
 whole process tree past the job's timeout (counted from the command's start), and reports the
-exit code. A result waits on disk until the server takes it. Every heartbeat is a lease: it
+exit code, asking in the same request for its next job. A result the server cannot take at once
+waits on disk until it can. Every heartbeat is a lease: it
 lists the jobs this run holds, so the server requeues one whose claim never reached the agent.
 First Ctrl-C or SIGTERM: take no new jobs, let running ones finish. Second: kill them and
 report them as failed. With --run-as USER (Unix, the agent started as root) every job runs as
@@ -49,6 +50,7 @@ import platform
 import queue
 import random
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -1351,16 +1353,28 @@ def _place_input(path: Path, name: str, job_dir: Path) -> None:
 
 
 def _working_dir(root: Path, relative: Optional[str]) -> Path:
-    """The job's working directory: `relative` inside `root`, which it may not leave."""
-    base = root.resolve()
+    """The job's working directory: `relative` inside `root`, which it may not leave. `root` is
+    resolved already (the agent's jobs dir is), so a job without a working directory costs no
+    look at each folder of the path."""
     if not relative:
-        return base
-    candidate = (base / relative).resolve()
-    if candidate != base and base not in candidate.parents:
+        return root
+    candidate = (root / relative).resolve()
+    if candidate != root and root not in candidate.parents:
         raise JobSetupError(f"workingDirectory {relative!r} points outside the job's files")
     if not candidate.is_dir():
         raise JobSetupError(f"workingDirectory {relative!r} is not a directory in the job's files")
     return candidate
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory and what it holds, if it is there; one system call when it is empty, as
+    most jobs leave it."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:  # not empty
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _Sha256Writer:
@@ -1937,7 +1951,8 @@ def _zip_file(zf: zipfile.ZipFile, raw, path: str, name: str, st, max_bytes: Opt
 class _Descendants:
     """Linux, once the agent is a subreaper (see _become_subreaper): whatever a job starts stays
     among the agent's descendants, even a process that left the job's session and lost its parent,
-    so a job's tree is found by walking them instead of reading every process's environment.
+    so a job's tree is found by walking down from the agent instead of reading every process's
+    environment.
 
     The orphans the agent adopts are its own to reap: each walk reaps those that have died. A job's
     shell is never reaped here (subprocess does it): _spawn lists it before a walk can see it.
@@ -1952,21 +1967,23 @@ class _Descendants:
     def enable(self) -> bool:
         """Become the subreaper, where the walk can be made; False where it cannot."""
         children = Path(f"/proc/self/task/{threading.get_native_id()}/children")
-        if not self.enabled and _become_subreaper() and children.exists():
+        if not self.enabled and children.exists() and _become_subreaper():  # never adopt what no walk reaps
             self._session = os.getsid(0)
             self.enabled = True
         return self.enabled
 
-    def walk(self) -> list:
-        """Pids of the agent's descendants; the adopted ones that died are reaped on the way."""
-        found, parents = [], [os.getpid()]
+    def marked(self, needle: bytes) -> set:
+        """Pids of the agent's live descendants whose environment holds `needle`; the walk goes
+        down through those only (what they start inherits the marker), and reaps the adopted
+        orphans that have died."""
+        agent = os.getpid()
+        found, parents = set(), [agent]
         while parents:
             parent = parents.pop()
-            children = _children_of(parent)
-            if parent == os.getpid():
-                children = [pid for pid in children if not self._reaped(pid)]
-            found += children
-            parents += children
+            for pid in _children_of(parent):
+                if not (parent == agent and self._reaped(pid)) and _is_marked(pid, needle):
+                    found.add(pid)
+                    parents.append(pid)
         return found
 
     def shell_reaped(self, popen: subprocess.Popen) -> None:
@@ -2012,6 +2029,17 @@ def _children_of(pid: int) -> list:
     return children
 
 
+def _is_marked(pid: int, needle: bytes) -> bool:
+    """Linux: whether the environment of process `pid` holds `needle` (MARKER_ENV=prefix)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read()
+    except OSError:  # gone, or not ours to read
+        return False
+    # A zombie's environ reads empty, so only live processes are found.
+    return any(var.startswith(needle) for var in environ.split(b"\0"))
+
+
 def _marked_pids(prefix: str, *, anywhere: bool = False) -> set:
     """Pids of live processes whose environment has MARKER_ENV set to a value starting with `prefix`.
 
@@ -2026,18 +2054,10 @@ def _marked_pids(prefix: str, *, anywhere: bool = False) -> set:
     if sys.platform.startswith("linux"):
         needle_bytes = needle.encode()
         if _DESCENDANTS.enabled and not anywhere:
-            candidates = _DESCENDANTS.walk()
+            pids = _DESCENDANTS.marked(needle_bytes)
         else:
-            candidates = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
-        for pid in candidates:
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    environ = f.read()
-            except OSError:  # gone, or not ours to read
-                continue
-            # A zombie's environ reads empty, so only live processes are found.
-            if any(var.startswith(needle_bytes) for var in environ.split(b"\0")):
-                pids.add(pid)
+            every = (int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+            pids = {pid for pid in every if _is_marked(pid, needle_bytes)}
     elif sys.platform == "darwin":
         result = subprocess.run(
             ["ps", "-A", "-ww", "-E", "-o", "pid=,command="],
@@ -2314,52 +2334,80 @@ def _trim(text: str, limit: int) -> str:
     return f"{text[:head]}\n[dispatch-agent: {dropped} characters dropped]\n{text[-(limit - head):]}"
 
 
-class _Output:
-    """One job's stdout and stderr on their way to the server.
+def _read_pipe(stream: str, pipe, decoder) -> list:
+    """One read of a job's pipe (a raw pipe: whatever is there): (stream, text) items, and
+    (stream, None) at end of file. `decoder` is the stream's incremental UTF-8 decoder, so a
+    character split across reads survives."""
+    try:
+        chunk = pipe.read(OUTPUT_READ_BYTES)
+    except OSError:
+        chunk = b""
+    text = decoder.decode(chunk, final=not chunk)
+    return ([(stream, text)] if text else []) + ([] if chunk else [(stream, None)])
 
-    Two threads read the pipes (binary-safe, UTF-8 decoded incrementally so a character split
-    across reads survives) and queue what they read, then an end-of-file mark; the job's thread
-    batches it and sends it in order, at most OUTPUT_FLUSH_SECONDS late. wake() lets the job's
-    thread notice the command's exit at once rather than at its next poll. Memory stays bounded: while the server is slow or down, output
-    piles up only to OUTPUT_PENDING_CHARS, then the readers wait and so does the job.
-    """
 
-    def __init__(self, send: Callable, stdout, stderr):
-        self._send = send
+def _utf8_decoder():
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+class _PipeSelector:
+    """Unix: a job's pipes read by the job's own thread, through one selector."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self._proc = proc
+        self._selector = selectors.DefaultSelector()
+        for stream, pipe in zip(STREAMS, (proc.stdout, proc.stderr)):
+            self._selector.register(pipe, selectors.EVENT_READ, (stream, _utf8_decoder()))
+
+    def read(self, wait: float) -> list:
+        """What the pipes hold, waiting up to `wait` seconds for something (see _read_pipe); once
+        both are at end of file, up to `wait` seconds for the command's exit instead."""
+        if not self._selector.get_map():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(wait)
+            return []
+        items = []
+        for key, _ in self._selector.select(wait):
+            stream, decoder = key.data
+            read = _read_pipe(stream, key.fileobj, decoder)
+            if read and read[-1][1] is None:
+                self._selector.unregister(key.fileobj)
+                key.fileobj.close()
+            items += read
+        return items
+
+    def close(self) -> None:
+        pipes = self._selector.get_map()
+        if pipes is not None:  # not closed yet
+            for key in list(pipes.values()):
+                key.fileobj.close()
+            self._selector.close()
+
+
+class _PipeThreads:
+    """Windows, where select() takes no pipes: a thread reads each pipe into a queue, and one more
+    waits for the command's exit, so that a waiting read() notices it at once. A full queue makes
+    the readers (and so the job) wait."""
+
+    def __init__(self, proc: subprocess.Popen):
         self._queue = queue.Queue(OUTPUT_QUEUE_ITEMS)
-        self._pending = {stream: [] for stream in STREAMS}
-        self._held = 0
-        self._first_at = None  # when the oldest unsent output was read
-        self._last_contact = time.monotonic()  # when the server last heard about this job
-        self._ends_line = {stream: True for stream in STREAMS}
-        self._retry_at = 0.0
-        self._backoff = _Backoff()
         self._closed = threading.Event()
-        self._open = set(STREAMS)  # streams whose end-of-file mark has not been taken yet
-        self._readers = [
-            threading.Thread(target=self._read, args=(stream, pipe), daemon=True)
-            for stream, pipe in zip(STREAMS, (stdout, stderr))
-        ]
-        for reader in self._readers:
-            reader.start()
+        for stream, pipe in zip(STREAMS, (proc.stdout, proc.stderr)):
+            threading.Thread(target=self._read, args=(stream, pipe), daemon=True).start()
+        threading.Thread(target=lambda: (proc.wait(), self._wake()), daemon=True).start()
 
     def _read(self, stream: str, pipe) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder = _utf8_decoder()
         with pipe:
             while not self._closed.is_set():
-                try:
-                    chunk = pipe.read(OUTPUT_READ_BYTES)  # a raw pipe: whatever is there, b"" at EOF
-                except OSError:
-                    chunk = b""
-                text = decoder.decode(chunk, final=not chunk)
-                if text:
-                    self._put((stream, text))
-                if not chunk:
-                    self._put((stream, None))  # end of file
+                items = _read_pipe(stream, pipe, decoder)
+                for item in items:
+                    self._put(item)
+                if items and items[-1][1] is None:
                     return
 
     def _put(self, item) -> None:
-        """Queue an item, waiting while the queue is full (so the job waits) unless closed."""
+        """Queue an item, waiting while the queue is full unless closed."""
         while not self._closed.is_set():
             try:
                 self._queue.put(item, timeout=STEP_SECONDS)
@@ -2367,10 +2415,45 @@ class _Output:
             except queue.Full:
                 pass
 
-    def wake(self) -> None:
-        """Make a waiting pump() return now (the command has exited)."""
-        with contextlib.suppress(queue.Full):  # a full queue wakes it anyway
+    def _wake(self) -> None:
+        with contextlib.suppress(queue.Full):  # a full queue wakes a read anyway
             self._queue.put_nowait(None)
+
+    def read(self, wait: float) -> list:
+        """What the readers queued, waiting up to `wait` seconds for the first item (see _read_pipe)."""
+        items = []
+        with contextlib.suppress(queue.Empty):
+            items.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
+            while True:
+                items.append(self._queue.get_nowait())
+        return [item for item in items if item is not None]  # None: the command has exited
+
+    def close(self) -> None:
+        """Let the reader threads end even if a pipe never reaches end of file."""
+        self._closed.set()
+
+
+class _Output:
+    """One job's stdout and stderr on their way to the server.
+
+    The pipes are read (binary-safe, UTF-8 decoded incrementally) by the job's thread through a
+    selector, or by threads on Windows (see _PipeThreads); the job's thread batches the output and
+    sends it in order, at most OUTPUT_FLUSH_SECONDS late. A waiting pump() notices the command's
+    exit at once. Memory stays bounded: while the server is slow or down, output piles up only to
+    OUTPUT_PENDING_CHARS, then the pipes are left unread and the job waits.
+    """
+
+    def __init__(self, send: Callable, proc: subprocess.Popen):
+        self._send = send
+        self._pipes = _PipeThreads(proc) if _WINDOWS else _PipeSelector(proc)
+        self._pending = {stream: [] for stream in STREAMS}
+        self._held = 0
+        self._first_at = None  # when the oldest unsent output was read
+        self._last_contact = time.monotonic()  # when the server last heard about this job
+        self._ends_line = {stream: True for stream in STREAMS}
+        self._retry_at = 0.0
+        self._backoff = _Backoff()
+        self._open = set(STREAMS)  # streams whose end-of-file mark has not been taken yet
 
     def wait_eof(self, seconds: float) -> None:
         """Pump until both pipes are at end of file, or `seconds` have passed."""
@@ -2380,14 +2463,10 @@ class _Output:
         self.pump(0)
 
     def pump(self, wait: float) -> None:
-        """Take what the readers have (waiting up to `wait` seconds for it) and send due batches."""
+        """Take what the pipes have (waiting up to `wait` seconds for it) and send due batches."""
         if self._held < OUTPUT_PENDING_CHARS:
-            try:
-                self._take(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
-                while self._held < OUTPUT_BATCH_CHARS:
-                    self._take(self._queue.get_nowait())
-            except queue.Empty:
-                pass
+            for item in self._pipes.read(wait):
+                self._take(item)
         else:
             time.sleep(wait)  # the server is behind: leave the output in the pipe, so the job waits
         now = time.monotonic()
@@ -2410,21 +2489,18 @@ class _Output:
 
     def finish(self) -> tuple:
         """Stop reading, send what the server takes now, and return the rest (bounded) per stream."""
+        for item in self._pipes.read(0):
+            self._take(item)
         self.close()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._take(self._queue.get_nowait())
         if self._held and time.monotonic() >= self._retry_at:
             self._flush()
         return tuple(_trim("".join(self._pending[stream]), RESULT_OUTPUT_CHARS) for stream in STREAMS)
 
     def close(self) -> None:
-        """Let the reader threads end even if a pipe never reaches end of file."""
-        self._closed.set()
+        """Stop reading, even if a pipe never reaches end of file."""
+        self._pipes.close()
 
     def _take(self, item) -> None:
-        if item is None:  # a wake-up
-            return
         stream, text = item
         if text is None:
             self._open.discard(stream)
@@ -2510,8 +2586,7 @@ def run_job(command: str, cwd: Path, *, env: dict, marker: str, timeout: float, 
     started = time.monotonic()
     proc = _spawn(command, cwd, env, user)
     tree = _ProcessTree(proc, marker)
-    output = _Output(send_output, proc.stdout, proc.stderr)
-    threading.Thread(target=lambda: (proc.wait(), output.wake()), daemon=True).start()
+    output = _Output(send_output, proc)
     step_aside = step_aside or _StepAside(lambda: None)
     exit_code, error, evicted = None, None, None
     grace = KILL_GRACE_SECONDS
@@ -2798,11 +2873,13 @@ class _ResultSpool:
             return None
 
     def _forget(self, key: str) -> None:
-        """The result under `key` is delivered or dropped: delete it and its job dir."""
-        (self.directory / f"{key}.json").unlink(missing_ok=True)
-        shutil.rmtree(self._jobs_dir / key, ignore_errors=True)
+        """The result under `key` is delivered or dropped: delete it (if it was spooled) and its job dir."""
         with self._lock:
+            spooled = key in self._unsent
             self._unsent.pop(key, None)
+        if spooled:
+            (self.directory / f"{key}.json").unlink(missing_ok=True)
+        _remove_dir(self._jobs_dir / key)
 
     def deliver(self, wait: bool = False) -> None:
         """Send every result held; an acknowledged or refused one is deleted with its job dir.
@@ -2904,7 +2981,7 @@ class Agent:
         self.config = config
         self._job_user = _JobUser.lookup(config.run_as) if config.run_as else None
         self._work_dir = config.work_dir
-        self._jobs_dir = config.work_dir / "jobs"
+        self._jobs_dir = config.work_dir.resolve() / "jobs"  # resolved once, not per job (see _working_dir)
         self._cache = _DownloadCache(config.work_dir / "cache", config.cache_mb * 1024**2)
         self._link = _ServerLink(config, config.work_dir / "worker.json", self._heartbeat_body)
         self._spool = _ResultSpool(config.work_dir / "results", self._jobs_dir,
@@ -3154,7 +3231,8 @@ class Agent:
 
     def poll_once(self, now: Optional[float] = None) -> Optional[float]:
         """One step of a free job slot: register if needed, announce this run, resend spooled
-        results, then ask for a job (long-poll) and run it to the end.
+        results, then ask for a job (long-poll) and run it to the end, and each next job the
+        server hands over with a result.
 
         Returns how many seconds to wait before the next step (0 for at once), or None once the
         agent is stopping. `now` is a time.monotonic() value.
@@ -3207,7 +3285,7 @@ class Agent:
                 result = self._send_artifacts(job, result)  # before the result, which ends the attempt
             except JobLost as err:
                 log.warning("job %s is no longer ours (%s): killed it, no result sent", job.job_id, err)
-                shutil.rmtree(self._jobs_dir / job.key, ignore_errors=True)
+                _remove_dir(self._jobs_dir / job.key)
                 return None
             if result.evicted:
                 log.info("job %s evicted (%s): it goes back to the queue", job.job_id, result.evicted)
@@ -3249,7 +3327,7 @@ class Agent:
     def _execute(self, job: _Job) -> JobResult:
         job_dir = self._jobs_dir / job.key
         user = self._job_user
-        shutil.rmtree(job_dir, ignore_errors=True)
+        _remove_dir(job_dir)  # what an attempt of the same number left, if any
         try:
             job_dir.mkdir(mode=0o700, parents=True)
             self._fetch_input(job, job_dir)

@@ -68,9 +68,16 @@ def run(tmp_path: Path, command: str, *, timeout: float = 10, sink=None, halt=No
                          send_output=sink or Sink(), halt=halt or threading.Event())
 
 
+@pytest.fixture(params=["selector", "threads"])
+def pipe_reader(request, monkeypatch):
+    """Run the test with each job's pipes read through a selector (Unix), then by threads (Windows)."""
+    if request.param == "threads":
+        monkeypatch.setattr(agent, "_PipeSelector", agent._PipeThreads)
+
+
 @pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
 @unix_only
-def test_output_is_streamed_complete_in_order_and_in_bounded_batches(tmp_path):
+def test_output_is_streamed_complete_in_order_and_in_bounded_batches(tmp_path, pipe_reader):
     sink = Sink()
     command = f"'{sys.executable}' -c \"import sys\nfor i in range(150000): print(i)\nprint('done', file=sys.stderr)\""
 
@@ -83,12 +90,35 @@ def test_output_is_streamed_complete_in_order_and_in_bounded_batches(tmp_path):
 
 
 @unix_only
-def test_a_character_split_across_reads_survives_and_bad_bytes_are_replaced(tmp_path):
+def test_a_character_split_across_reads_survives_and_bad_bytes_are_replaced(tmp_path, pipe_reader):
     sink = Sink()
 
     run(tmp_path, r"printf '\303'; sleep 0.3; printf '\251 \377\n'", sink=sink)
 
     assert sink.text("stdout") == "\u00e9 \ufffd\n"
+
+
+@unix_only
+def test_a_command_that_closed_its_output_is_still_waited_for_and_its_exit_seen(tmp_path, pipe_reader):
+    sink = Sink()
+
+    result = run(tmp_path, "echo early; exec >&- 2>&-; sleep 0.3; exit 3", sink=sink)
+
+    assert (result.exit_code, sink.text("stdout") + result.stdout) == (3, "early\n")
+    assert 0.3 <= result.duration < 1  # not cut short, nor left to the pipes' grace
+
+
+@pytest.mark.slow  # waits out real time (a long poll, a timeout, an interval)
+@unix_only
+def test_a_background_child_holding_the_pipes_does_not_hold_the_result(tmp_path, pipe_reader):
+    sink = Sink()
+
+    result = run(tmp_path, "sleep 600 & echo background $!; exit 5", sink=sink)
+
+    assert result.exit_code == 5
+    [pid] = [int(line.split()[1]) for line in (sink.text("stdout") + result.stdout).splitlines()]
+    assert wait_gone([pid]) == []
+    assert result.duration < agent.PIPE_GRACE_SECONDS + 1
 
 
 @unix_only
