@@ -5,16 +5,19 @@ One box runs ``python dispatch.py``; every desktop that should help runs a copy 
 on whichever desktop is free, with live output.
 
 Run:    python dispatch.py [--host HOST] [--port PORT] [--data-dir DIR]       (Python 3.11+)
+        python dispatch.py --database-url postgresql://...   (several servers on one database)
 Users:  python dispatch.py user add EMAIL --role admin|user [--password-stdin] [--create]
         python dispatch.py user set-password EMAIL [--password-stdin]
 Backup: python dispatch.py backup FILE      (with PostgreSQL: pg_dump, which holds every file too)
 Embed:  web.run_app(create_app(Config.from_env()))
 
 Sections (``grep -n '^# ===' dispatch.py``), in dependency order: calls go down the file,
-HTTP -> domain -> storage. Constants, errors, configuration, rate limiter, storage (every SQL
-statement, one class per topic, combined as ``Store``), domain (users, input rules, how an attempt
-ends, the job life cycle in ``Jobs``, blobs and artifacts), events, HTTP (app keys, middleware,
-handlers named ``*_view``), app, CLI.
+HTTP -> domain -> storage. Constants, errors, configuration, rate limiter, storage (the engines:
+SQLite on the loop or PostgreSQL through asyncpg, running the same statements; every SQL statement,
+one class per topic, combined as ``Store``), domain (users, input rules, how an attempt ends, the
+job life cycle in ``Jobs``, the contents of files, blobs and artifacts), events (with ``Cluster``:
+what several servers on one database pass each other), HTTP (app keys, middleware, handlers named
+``*_view``), app, CLI.
 
 Endpoints (the route table in ``create_app`` is the index):
   POST /api/auth/login, /api/auth/logout, /api/auth/refresh; GET /api/auth/me
