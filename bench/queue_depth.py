@@ -64,7 +64,7 @@ class Captured(dispatch.Store):
 
 
 def statement(call) -> tuple[str, dict]:
-    store = Captured(None, dispatch.Clock())
+    store = Captured(dispatch._SQLite, dispatch.Clock())  # the engine's class: its SQL fragments, no connection
     asyncio.run(call(store))
     return store.statement
 
