@@ -640,6 +640,10 @@ class _Postgres:
         self._leading = False
         self._lead_lock = asyncio.Lock()
         self._translated: dict[str, tuple[str, list[str] | None]] = {}
+        import asyncpg
+        self._duplicate = asyncpg.UniqueViolationError
+        self._unavailable = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                             asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError)
 
     @classmethod
     async def connect(cls, url: str) -> "_Postgres":
@@ -676,15 +680,13 @@ class _Postgres:
         return known
 
     async def all(self, sql: str, params: tuple | dict = ()) -> list[dict]:
-        import asyncpg
         text, names = self._postgres_sql(sql)
         args = [params[name] for name in names] if names else params
         try:
             return [dict(row) for row in await self._pool.fetch(text, *args)]
-        except asyncpg.UniqueViolationError as exc:
+        except self._duplicate as exc:
             raise DuplicateKey(str(exc)) from None
-        except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError) as exc:
+        except self._unavailable as exc:
             raise DatabaseUnavailable(str(exc)) from exc
 
     async def schema_version(self) -> int:
@@ -871,6 +873,9 @@ class _Database:
         """The secret kept under ``key``; ``candidate`` if there was none yet (of servers starting
         together, the first to write wins, and all read the same)."""
         await self._write("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, candidate))
+        return await self.secret(key)
+
+    async def secret(self, key: str) -> str:
         return (await self._one("SELECT value FROM meta WHERE key = ?", (key,)))["value"]
 
     async def replace_shared_secret(self, key: str, value: str) -> None:
@@ -1645,13 +1650,18 @@ class RegistrationToken:
         self.value = config.registration_token
 
     async def load(self) -> None:
-        """Read the token (made on the first start); with PostgreSQL, again each sweep period."""
+        """Read the token, made on the first start."""
         if self.pinned:
             return
         if self._store is None:
             self.value = _read_or_create_secret(self._path, self._new)
         else:
             self.value = await self._store.shared_secret("registration_token", self._new())
+
+    async def refresh(self) -> None:
+        """With PostgreSQL, read it again (each sweep period): another server may have rotated it."""
+        if self._store is not None and not self.pinned:
+            self.value = await self._store.secret("registration_token")
 
     @staticmethod
     def _new() -> str:
@@ -2931,10 +2941,13 @@ class Announcer:
         self._hub, self._bell, self._metrics, self._cluster = hub, bell, metrics, cluster
 
     def _publish(self, event: dict) -> None:
-        """To this server's WebSocket clients, and through the cluster to the others'. An event whose
-        type starts with "bell." wakes waiting workers instead (``Cluster.deliver``)."""
-        if not event["type"].startswith("bell."):
-            self._hub.publish(event)
+        """To this server's WebSocket clients, and through the cluster to the others'."""
+        self._hub.publish(event)
+        self._relay(event)
+
+    def _relay(self, event: dict) -> None:
+        """To the other servers only: their clients, or (a "bell." event) their waiting workers
+        (``Cluster.deliver``)."""
         if self._cluster is not None:
             self._cluster.send(event)
 
@@ -2957,7 +2970,7 @@ class Announcer:
         """A queued job may be claimed now: wake a worker for it (on each server)."""
         tags = json.loads(job["tags"])
         self._bell.ring(tags, job_id=job["id"])
-        self._publish({"type": "bell.ring", "tags": tags, "jobId": job["id"]})
+        self._relay({"type": "bell.ring", "tags": tags, "jobId": job["id"]})
 
     def output(self, job: dict, stream: str, data: str, offset: int) -> None:
         """A chunk of output; ``offset`` is how many characters of the stream came before it, so a
@@ -2976,13 +2989,13 @@ class Announcer:
         """The worker has room again (a job ended, or its agent takes jobs again): its parked get-job
         polls, on whichever server, look at once."""
         self._bell.wake_worker(worker_id)
-        self._publish({"type": "bell.wake_worker", "workerId": worker_id})
+        self._relay({"type": "bell.wake_worker", "workerId": worker_id})
 
     def worker_available(self, worker_id: str) -> None:
         """An admin approved or resumed the worker: its parked get-job answers now (it waited as a
         worker that may take no job), and one parked before a pause looks again."""
         self._bell.wake_held()
-        self._publish({"type": "bell.wake_held"})
+        self._relay({"type": "bell.wake_held"})
         self.worker_free(worker_id)
 
     @property
@@ -4461,8 +4474,7 @@ async def _sweeper_ctx(app: web.Application):
         while True:
             try:
                 await app[STORE].checkpoint()
-                if cluster is not None:
-                    await app[REGISTRATION].load()  # another server may have rotated it
+                await app[REGISTRATION].refresh()
                 if cluster is None or await cluster.lead():
                     await app[JOBS].sweep()
                     if time.monotonic() >= next_storage_sweep:
