@@ -100,7 +100,7 @@ PAGE_PATH = Path(__file__).with_name("dispatch.html")
 PAGE_SECURITY_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
                         "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; "
                         "form-action 'self'")
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 TOKEN_LIFETIME = dt.timedelta(hours=24)
 REFRESH_GRACE = dt.timedelta(days=7)  # an expired token may still be refreshed this long
@@ -1539,6 +1539,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     6: ("ALTER TABLE workers ADD COLUMN reported_pause TEXT",
         "ALTER TABLE jobs ADD COLUMN suspended_at TEXT",
         "ALTER TABLE jobs ADD COLUMN suspended_seconds REAL NOT NULL DEFAULT 0"),
+    # A completed job's children found by their ids, not by a walk of the queue (schema.sql recreates it).
+    7: ("DROP TRIGGER IF EXISTS jobs_release_children",),
 }
 
 

@@ -250,5 +250,5 @@ CREATE TABLE IF NOT EXISTS file_chunks (
     PRIMARY KEY (key, n)
 );
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '6') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+INSERT INTO meta (key, value) VALUES ('schema_version', '7') ON CONFLICT (key) DO UPDATE SET value = excluded.value;
 

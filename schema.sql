@@ -162,8 +162,9 @@ CREATE TRIGGER IF NOT EXISTS jobs_link_parents AFTER INSERT ON jobs WHEN NEW.aft
 END;
 CREATE TRIGGER IF NOT EXISTS jobs_release_children AFTER UPDATE OF status ON jobs
 WHEN NEW.status = 'completed' AND OLD.status != 'completed' BEGIN
+    -- +status: found by the children's ids; an index on status would walk the whole queue
     UPDATE jobs SET parents_left = parents_left - 1
-    WHERE id IN (SELECT child_id FROM job_parents WHERE parent_id = NEW.id) AND status = 'queued';
+    WHERE id IN (SELECT child_id FROM job_parents WHERE parent_id = NEW.id) AND +status = 'queued';
 END;
 -- A worker's jobs done are counted here, in the statement that completes the job: the count survives
 -- agent restarts and job retention, and never lags the job list.
@@ -191,4 +192,4 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 
-PRAGMA user_version = 6;
+PRAGMA user_version = 7;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Claim and submit cost against queue depth, batch submit, and the claim's query plan.
+"""Submit, claim and finish cost against queue depth, batch submit, and the claim's query plan.
 
 A real ``python dispatch.py``; one person's queue is filled with batch submits of 1,000 (each
 timed), a few other people queue a few jobs each (the claim walks the people with work, so they
@@ -7,7 +7,8 @@ count), and one worker (offering plenty) then measures, at each depth:
 
   submit  p50/p99 of a single ``POST /api/jobs/submit`` (the answer's estimate included), by the
           person with the long queue: the worst case for the "jobs ahead" count
-  claim   p50/p99 of ``GET /api/jobs/get-job`` (each claimed job is then finished, untimed)
+  claim   p50/p99 of ``GET /api/jobs/get-job``
+  finish  p50/p99 of the ``POST /api/jobs/submit-result`` that completes each claimed job
   sql     p50 of the claim statement alone, through sqlite3 on the server's database (in a
           transaction that is rolled back)
 
@@ -80,7 +81,7 @@ def fill(owner: Client, depth: int, queued: int, batch_seconds: list) -> None:
 
 
 def measure(owner: Client, worker: Client, samples: int) -> dict[str, list[float]]:
-    submits, claims = [], []
+    submits, claims, finishes = [], [], []
     for _ in range(samples):
         status, body, seconds = owner.call("POST", "/api/jobs/submit", {"command": "true"})
         assert status == 201, body
@@ -88,9 +89,11 @@ def measure(owner: Client, worker: Client, samples: int) -> dict[str, list[float
         status, body, seconds = worker.call("GET", "/api/jobs/get-job")
         assert status == 200, body
         claims.append(seconds)
-        status, body, _ = worker.call("POST", "/api/jobs/submit-result", {"jobId": body["job"]["jobId"], "exitCode": 0})
+        status, body, seconds = worker.call("POST", "/api/jobs/submit-result",
+                                            {"jobId": body["job"]["jobId"], "exitCode": 0})
         assert status == 200, body
-    return {"submit": submits, "claim": claims}
+        finishes.append(seconds)
+    return {"submit": submits, "claim": claims, "finish": finishes}
 
 
 def sql_claim(db: Path, worker_id: str, samples: int) -> list[float]:
@@ -126,12 +129,14 @@ def ms(values: list[float], p: float) -> float:
 def report(batches: list[float], results: dict[int, dict[str, list[float]]]) -> None:
     print(f"\nbatch submit of {BATCH} jobs in one request: p50 {ms(batches, 50):.0f} ms, "
           f"max {max(batches, default=float('nan')) * 1000:.0f} ms ({len(batches)} batches)")
-    print(f"\n{'queued':>8} | {'submit p50':>10} {'p99':>7} | {'claim p50':>10} {'p99':>7} | {'claim SQL p50':>13}")
+    timed = ("submit", "claim", "finish")
+    print(f"\n{'queued':>8} | " + " | ".join(f"{key + ' p50':>10} {'p99':>7}" for key in timed)
+          + f" | {'claim SQL p50':>13}")
     for depth, r in results.items():
-        print(f"{depth:>8} | {ms(r['submit'], 50):>8.2f}ms {ms(r['submit'], 99):>5.2f}ms"
-              f" | {ms(r['claim'], 50):>8.2f}ms {ms(r['claim'], 99):>5.2f}ms | {ms(r['sql'], 50):>11.3f}ms")
+        print(f"{depth:>8} | " + " | ".join(f"{ms(r[key], 50):>8.2f}ms {ms(r[key], 99):>5.2f}ms" for key in timed)
+              + f" | {ms(r['sql'], 50):>11.3f}ms")
     (low, *_, high) = results.items()
-    for key in ("submit", "claim", "sql"):
+    for key in (*timed, "sql"):
         print(f"{key} p50 at {high[0]} queued / at {low[0]}: {ms(high[1][key], 50) / ms(low[1][key], 50):.2f}x")
 
 
@@ -143,7 +148,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
-    print_banner("queue depth: submit and claim cost with N jobs queued")
+    print_banner("queue depth: submit, claim and finish cost with N jobs queued")
     with Workspace(args.keep) as work:
         server = DispatchServer(work).start()
         try:

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import Api
+import dispatch
+from conftest import Api, sqlite_only
 
 
 async def submit(api: Api, token: str, command: str = "true", **fields) -> str:
@@ -389,6 +390,33 @@ async def test_a_completed_parent_wakes_a_waiting_worker_for_its_child(api):
     await finish(api, worker, a)
 
     assert (await asyncio.wait_for(waiting, 1))["jobId"] == b
+
+
+@sqlite_only
+async def test_completing_a_job_costs_the_same_with_a_long_queue(api):
+    """The completion releases the job's children by their ids: it must not walk the queued jobs
+    (it did, through an index on status, 17 times slower at 100,000 queued). Counted in SQLite's
+    own steps, not in seconds."""
+    admin = await api.admin()
+    worker = await api.register()
+    connection = api.client.app[dispatch.STORE].engine._conn
+
+    async def steps_to_complete() -> int:
+        job_id = await submit(api, admin, "next")
+        assert (await api.claim(worker))["jobId"] == job_id  # normal priority: before the low ones
+        steps = [0]
+        connection.set_progress_handler(lambda: steps.__setitem__(0, steps[0] + 1) or 0, 1)
+        try:
+            await finish(api, worker, job_id)
+        finally:
+            connection.set_progress_handler(None, 1)
+        return steps[0]
+
+    short = await steps_to_complete()
+    assert (await batch(api, admin, [{"command": "later", "priority": "low"}] * 1000)).status == 201
+    assert (await batch(api, admin, [{"command": "later", "priority": "low"}] * 1000)).status == 201
+    long = await steps_to_complete()
+    assert long < short * 1.5, (short, long)
 
 
 async def test_after_a_job_that_already_failed_is_a_400(api):
