@@ -97,7 +97,7 @@ log = logging.getLogger("dispatch.agent")
 
 _WINDOWS = os.name == "nt"
 
-POLL_WAIT_SECONDS = 30  # how long the server may hold a get-job long-poll
+POLL_WAIT_SECONDS = 50  # how long the server may hold a get-job long-poll (proxies often cut at 60)
 POLL_FLOOR_SECONDS = 1.0  # an empty answer faster than this (a server ignoring `wait`) is followed by a pause
 HTTP_TIMEOUT_SECONDS = 15  # every other request (a socket timeout: a large download may take longer)
 BACKOFF_BASE_SECONDS = 0.5
@@ -2633,14 +2633,19 @@ class _ServerLink:
     the next run), registration, requests made with the token, and heartbeats. With several
     servers, `servers` says which one is in use.
 
-    Every heartbeat sends what `heartbeat_body()` returns at that moment.
+    Every heartbeat sends what `heartbeat_body()` returns at that moment. A server that says a
+    waiting poll keeps the worker alive (`pollKeepsAlive`) is not sent the heartbeats that would
+    only say "still here" while `quiet()`: a farm of idle agents then costs the server their polls.
     """
 
-    def __init__(self, config: Config, token_path: Path, heartbeat_body: Callable[[], dict]):
+    def __init__(self, config: Config, token_path: Path, heartbeat_body: Callable[[], dict],
+                 quiet: Callable[[], bool]):
         self.config = config
         self.servers = _Servers(config.servers)
         self._token_path = token_path
         self._heartbeat_body = heartbeat_body
+        self._quiet = quiet
+        self._kept_alive_by = None  # the server whose last heartbeat answer said pollKeepsAlive
         self._token = None
         self._register_lock = threading.Lock()  # one registration at a time; guards replacing the token
         self._announce_lock = threading.Lock()
@@ -2648,6 +2653,8 @@ class _ServerLink:
         self._failing = None  # why the server could not be reached, while it cannot
         self._failing_lock = threading.Lock()
         self._soon = threading.Event()  # wakes the heartbeat loop before its interval is up
+        self._beat_lock = threading.Lock()  # one heartbeat at a time, so none overtakes the goodbye
+        self._said_goodbye = False
 
     @property
     def token(self) -> Optional[str]:
@@ -2754,15 +2761,23 @@ class _ServerLink:
         return Fatal(f"the server refused to register this worker: {err}")
 
     def say_goodbye(self) -> None:
-        """Tell the server this worker stops now, so it shows offline at once (best effort)."""
-        with contextlib.suppress(AgentError):
-            self.request("POST", "/api/workers/heartbeat", {**self._heartbeat_body(), "status": "offline"})
+        """Tell the server this worker stops now, so it shows offline at once (best effort): after
+        any heartbeat on its way, and before none."""
+        with self._beat_lock:
+            self._said_goodbye = True
+            with contextlib.suppress(AgentError):
+                self.request("POST", "/api/workers/heartbeat", {**self._heartbeat_body(), "status": "offline"})
 
     def heartbeat(self) -> Optional[dict]:
-        """Send one heartbeat, registering first if needed; the server's answer."""
+        """Send one heartbeat, registering first if needed; the server's answer (None after the goodbye)."""
         self.ensure_registered()
-        _, data = self.request("POST", "/api/workers/heartbeat", self._heartbeat_body())
+        with self._beat_lock:
+            if self._said_goodbye:
+                return None
+            server = self.server
+            _, data = self.request("POST", "/api/workers/heartbeat", self._heartbeat_body())
         self._announced = True
+        self._kept_alive_by = server if isinstance(data, dict) and data.get("pollKeepsAlive") is True else None
         return data
 
     def heartbeat_soon(self) -> None:
@@ -2783,10 +2798,13 @@ class _ServerLink:
         backoff = _Backoff()
         delay = 0.0
         while True:
-            self._soon.wait(delay)
+            woken = self._soon.wait(delay)
             self._soon.clear()
             if stopped.is_set():
                 return
+            if not woken and self._kept_alive_by == self.server and self._quiet():
+                delay = interval  # the poll waiting on the server says "still here"
+                continue
             try:
                 data = self.heartbeat()  # registers too: with every slot busy, no slot would
             except Fatal:
@@ -2983,7 +3001,7 @@ class Agent:
         self._work_dir = config.work_dir
         self._jobs_dir = config.work_dir.resolve() / "jobs"  # resolved once, not per job (see _working_dir)
         self._cache = _DownloadCache(config.work_dir / "cache", config.cache_mb * 1024**2)
-        self._link = _ServerLink(config, config.work_dir / "worker.json", self._heartbeat_body)
+        self._link = _ServerLink(config, config.work_dir / "worker.json", self._heartbeat_body, self._quiet)
         self._spool = _ResultSpool(config.work_dir / "results", self._jobs_dir,
                                    functools.partial(self._link.request, "POST", "/api/jobs/submit-result"))
         # The marker ties job processes to this work dir, so a restarted agent finds its leftovers.
@@ -3179,6 +3197,11 @@ class Agent:
                 "polled": polled,
                 **self.config.offers,  # a saved token skips registering: flags changed since reach the server here
             }
+
+    def _quiet(self) -> bool:
+        """Nothing for a heartbeat to tell: no job held, and a get-job poll waits on the server."""
+        with self._lock:
+            return bool(self._polls_open) and not self._running and not self._spool.job_ids()
 
     def _claim_job(self) -> Optional[_Job]:
         """Ask the server for a job (long-poll)."""

@@ -1023,6 +1023,7 @@ class _WorkerTables(_Database):
                 {**worker, "now": now})
         except DuplicateKey:
             raise Conflict("Worker already registered", code="WORKER_EXISTS") from None
+        self._worker_changes += 1
         return now
 
     async def worker_by_token_hash(self, token_hash: str) -> dict | None:
@@ -1033,6 +1034,11 @@ class _WorkerTables(_Database):
             if worker is not None and changes == self._worker_changes and self._engine.caches_workers:
                 self._workers_by_token[token_hash] = worker
         return worker
+
+    @property
+    def worker_changes(self) -> int:
+        """How many times this server registered, changed or deleted a worker so far."""
+        return self._worker_changes
 
     def _forget_worker(self, worker_id: str) -> None:
         """Drop the worker from the token cache; a lookup already on its way is not kept."""
@@ -1082,6 +1088,15 @@ class _WorkerTables(_Database):
                                " AND last_heartbeat < :cutoff AND reported_status != 'offline'",
                                {"since": since, "cutoff": cutoff})
 
+    async def worker_exists(self, worker_id: str) -> bool:
+        return bool(await self._all("SELECT 1 AS found FROM workers WHERE id = ?", (worker_id,)))
+
+    async def heard_from(self, worker_ids: set[str]) -> None:
+        """Note that these workers are alive (their polls waited on this server), as a heartbeat would."""
+        if worker_ids:
+            await self._write("UPDATE workers SET last_heartbeat = ? WHERE id IN (SELECT value FROM json_each(?))",
+                              (self._clock.iso(), json.dumps(sorted(worker_ids))))
+
     async def heartbeats_since(self, since: str) -> dict[str, str]:
         """{worker id: last heartbeat} of the workers heard from since ``since``."""
         rows = await self._all("SELECT id, last_heartbeat FROM workers WHERE last_heartbeat >= ?", (since,))
@@ -1090,8 +1105,10 @@ class _WorkerTables(_Database):
     async def report_pause(self, worker_id: str, reason: str | None) -> bool:
         """Note why the worker's agent takes no jobs now ("owner active"; None: it takes them);
         True if that changed."""
-        return await self._write("UPDATE workers SET reported_pause = :reason WHERE id = :id"
-                                 " AND reported_pause IS DISTINCT FROM :reason", {"id": worker_id, "reason": reason}) > 0
+        changed = await self._write("UPDATE workers SET reported_pause = :reason WHERE id = :id"
+                                    " AND reported_pause IS DISTINCT FROM :reason", {"id": worker_id, "reason": reason})
+        self._worker_changes += changed
+        return changed > 0
 
     async def change_worker_state(self, worker_id: str, old: str, new: str) -> str | None:
         """Move the worker from state ``old`` to ``new`` (any other state stays); returns its state
@@ -1326,10 +1343,12 @@ class _JobTables(_Database):
                         WHERE status IN ('completed', 'failed') AND started_at IS NOT NULL) AS mean_run""",
             {"owner": job["submitted_by"], "rank": job["priority_rank"], "seq": job["seq"], "limit": limit})
 
-    async def online_workers(self, cutoff: str) -> list[dict]:
-        """Workers heard from since ``cutoff`` that have not said they stop: their tags, state and offers."""
-        return await self._all("SELECT id, tags, state, reported_pause, cpus, memory_mb, gpus FROM workers"
-                               " WHERE last_heartbeat >= ? AND reported_status != 'offline' ORDER BY id", (cutoff,))
+    async def online_kinds(self, cutoff: str) -> list[dict]:
+        """The workers heard from since ``cutoff`` that have not said they stop, by kind: one row per
+        tags, state and offers, with how many ``workers`` (a farm of like desktops is one row)."""
+        return await self._all("SELECT tags, state, reported_pause, cpus, memory_mb, gpus, COUNT(*) AS workers"
+                               " FROM workers WHERE last_heartbeat >= ? AND reported_status != 'offline'"
+                               " GROUP BY tags, state, reported_pause, cpus, memory_mb, gpus", (cutoff,))
 
     async def job_by_id(self, job_id: str) -> dict | None:
         return await self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -2114,6 +2133,7 @@ class Jobs:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._swept_cutoff: Optional[str] = None  # the offline cutoff at the last sweep
         self._heartbeats_told_at = clock.now()  # the last heartbeat summary
+        self._kinds_seen: tuple[float, int, list[dict]] = (-math.inf, -1, [])  # see _online_kinds
 
     @property
     def timeout_grace(self) -> float:
@@ -2205,19 +2225,19 @@ class Jobs:
             resolved.append(list(dict.fromkeys(parents)))  # "#1" and "#01" are one parent
         return resolved
 
-    async def why_waiting(self, job: dict) -> tuple[str, Optional[int]]:
+    async def why_waiting(self, job: dict, *, recent: bool = False) -> tuple[str, Optional[int]]:
         """What holds a queued job, in one line, and about how many seconds until it starts (None
         when no worker can take it now): its parents, then the online workers (tags, offers,
-        state), then the jobs the claim will hand out first, at the recent mean run time, shared
-        among the workers it fits."""
+        state; ``recent``: as seen up to a second ago), then the jobs the claim will hand out
+        first, at the recent mean run time, shared among the workers it fits."""
         if job["parents_left"] and (parents := await self._store.parents_not_completed([job["id"]])):
             more = f" and {len(parents) - 1} more" if len(parents) > 1 else ""
             return f"waiting for {parents[0]['id']} ({parents[0]['status']}){more}", None
-        fitting, reason = workers_that_fit(job, await self._store.online_workers(self.heartbeat_cutoff()))
+        fitting, reason = workers_that_fit(job, await self._online_kinds(recent))
         if reason:
             return reason, None
         shown = [worker_state(w) for w in fitting]
-        available = [w for w, (state, _) in zip(fitting, shown) if state == WorkerState.AVAILABLE]
+        available = sum(w["workers"] for w, (state, _) in zip(fitting, shown) if state == WorkerState.AVAILABLE)
         if not available:
             states = ", ".join(sorted({state for state, _ in shown}))
             reasons = "; ".join(sorted({reason for _, reason in shown if reason}))
@@ -2226,8 +2246,20 @@ class Jobs:
         ahead = min(estimate["ahead"], AHEAD_COUNT_LIMIT)
         line = (f"{ahead}{'+' if ahead == AHEAD_COUNT_LIMIT else ''} job{'s' if ahead != 1 else ''} ahead"
                 if ahead else "next in line")
-        waiting_for = ahead + estimate["running"] - len(available) + 1
-        return line, max(0, math.ceil(waiting_for * (estimate["mean_run"] or 0) / len(available)))
+        waiting_for = ahead + estimate["running"] - available + 1
+        return line, max(0, math.ceil(waiting_for * (estimate["mean_run"] or 0) / available))
+
+    async def _online_kinds(self, recent: bool) -> list[dict]:
+        """The online workers by kind (``Store.online_kinds``). ``recent``: a summary up to a second
+        old will do, unless a worker registered, changed state or was deleted since on this server
+        (a submit's estimate: with thousands of workers, reading them was most of a submit's cost)."""
+        taken_at, changes, kinds = self._kinds_seen
+        if recent and changes == self._store.worker_changes and time.monotonic() - taken_at < 1.0:
+            return kinds
+        changes = self._store.worker_changes
+        kinds = await self._store.online_kinds(self.heartbeat_cutoff())
+        self._kinds_seen = (time.monotonic(), changes, kinds)
+        return kinds
 
     async def claimable(self, job_id: Optional[str]) -> bool:
         """Whether the job (None: one not named) may still be claimed."""
@@ -2759,9 +2791,10 @@ class QueueBell:
     def __init__(self) -> None:
         # In the order they started waiting: (tags, worker id); tags None: a worker that may take no job yet.
         self._waiters: dict[asyncio.Future, tuple[Optional[frozenset], str]] = {}
+        self._polled: set[str] = set()  # see take_polled
         self.closed = False
 
-    def listen(self, worker_tags: Optional[frozenset], worker_id: str = "") -> asyncio.Future:
+    def listen(self, worker_tags: Optional[frozenset], worker_id: str) -> asyncio.Future:
         """A future that completes with a ``Ring`` when a job for these tags is announced. Take it
         *before* looking at the queue, so a job submitted in between is never missed. A worker
         that may take no job (pending) listens with None: no job wakes it, only ``wake_held`` or
@@ -2771,7 +2804,13 @@ class QueueBell:
             future.set_result(Ring(None))
         else:
             self._waiters[future] = (worker_tags, worker_id)
+            self._polled.add(worker_id)
         return future
+
+    def take_polled(self) -> set[str]:
+        """The workers that have waited here since the last call (a parked poll is a sign of life)."""
+        polled, self._polled = self._polled, {worker_id for _, worker_id in self._waiters.values()}
+        return polled
 
     def forget(self, future: asyncio.Future) -> None:
         self._waiters.pop(future, None)
@@ -3011,7 +3050,9 @@ class Announcer:
         self._publish({"type": change, **worker})
 
     def worker_deleted(self, worker_id: str) -> None:
+        """The worker was unregistered: its parked polls end (the next request it makes is refused)."""
         self._publish({"type": "worker.deleted", "workerId": worker_id})
+        self.worker_free(worker_id)
 
     def heartbeats(self, heard: dict[str, str]) -> None:
         """When each worker heard from lately was last heard from: one summary, not an event a heartbeat."""
@@ -3608,8 +3649,9 @@ async def heartbeat_view(request: web.Request) -> web.Response:
         raise _invalid_field("state", "state must be available or paused")
     paused_reason = _require_string(body, "pausedReason", required=False, max_length=200)
     now = await request.app[JOBS].heartbeat(worker, status, running, run, polled, offers, state, paused_reason)
+    # pollKeepsAlive: an agent with nothing to tell may skip its heartbeats while a poll waits here.
     return _json({"success": True, "serverTime": now,
-                  "nextCheckIn": int(request.app[CONFIG].heartbeat_interval * 1000)})
+                  "nextCheckIn": int(request.app[CONFIG].heartbeat_interval * 1000), "pollKeepsAlive": True})
 
 
 async def list_workers_view(request: web.Request) -> web.Response:
@@ -3738,7 +3780,7 @@ async def submit_view(request: web.Request) -> web.Response:
         batch = await jobs.submit(principal, _batch_specs(request, body["jobs"]), batch=True)
         return _json({"success": True, "jobIds": [job["id"] for job in batch]}, status=201)
     [job] = await jobs.submit(principal, [_job_spec(request, body)])
-    _, wait = await jobs.why_waiting(job)
+    _, wait = await jobs.why_waiting(job, recent=True)
     return _json({"success": True, "jobId": job["id"], "status": JobState.QUEUED.value,
                   "createdAt": job["created_at"], "estimatedWaitTime": wait}, status=201)
 
@@ -3783,7 +3825,7 @@ async def _next_job_answer(request: web.Request, worker: Principal, wait: float,
     """The job get-job hands the worker (claimed as its new attempt), or None: none came within
     ``wait`` seconds, the worker may take none now, or it hung up."""
     if worker.state != WorkerState.AVAILABLE:
-        await _wait_for_approval(request, wait)
+        await _wait_for_approval(request, worker, wait)
         return None
     jobs = request.app[JOBS]
     job = await _claim_or_wait(request, worker, wait, run, poll)
@@ -3823,6 +3865,8 @@ async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, r
                 # Not for us (no room): another worker may fit it. A job another claim took is not
                 # passed on, or one lost race would wake every parked worker in turn.
                 bell.ring(woken_by.tags, woken_by.passed | {worker.id}, woken_by.job_id)
+            if woken_by is not None and woken_by.tags is None and not await request.app[STORE].worker_exists(worker.id):
+                return None  # unregistered while it waited: the agent learns it from its next request
             remaining = deadline - time.monotonic()
             if remaining <= 0 or bell.closed:
                 return None
@@ -3831,17 +3875,19 @@ async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, r
                 if ring.done():
                     bell.ring(*ring.result())
                 return None
-            woken_by = ring.result() if ring.done() else None
+            if not ring.done():  # nothing was announced: the agent's next poll claims first anyway
+                return None
+            woken_by = ring.result()
         finally:
             bell.forget(ring)
 
 
-async def _wait_for_approval(request: web.Request, wait: float) -> None:
+async def _wait_for_approval(request: web.Request, worker: Principal, wait: float) -> None:
     """A worker that may take no job (pending, or paused by an admin) still waits out its poll, as
     an agent expects of an empty answer, and takes no wake-up meant for another worker; an approval
     or a resume (or a shutdown) ends the wait early."""
     bell = request.app[BELL]
-    ring = bell.listen(None)
+    ring = bell.listen(None, worker.id)
     try:
         await asyncio.wait({ring}, timeout=wait)
     finally:
@@ -4472,11 +4518,14 @@ async def _sweeper_ctx(app: web.Application):
     cluster = app[CLUSTER]
 
     async def sweep_forever() -> None:
-        next_storage_sweep = 0.0
+        next_storage_sweep = next_polls_noted = 0.0
         while True:
             try:
                 await app[STORE].checkpoint()
                 await app[REGISTRATION].refresh()
+                if time.monotonic() >= next_polls_noted:
+                    await app[STORE].heard_from(app[BELL].take_polled())
+                    next_polls_noted = time.monotonic() + app[CONFIG].heartbeat_interval
                 if cluster is None or await cluster.lead():
                     await app[JOBS].sweep()
                     if time.monotonic() >= next_storage_sweep:

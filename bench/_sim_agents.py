@@ -9,9 +9,10 @@ Per agent, as agent.py's _ServerLink and job slot do it:
   connection after its keep-alive timeout (15 s, the heartbeat interval is 30 s), so a heartbeat
   usually opens a new one, as agent.py's does;
 - a heartbeat at once, then every ``nextCheckIn`` (clamped to 1..300 s), agent.py's body
-  (state, status, runningJobs, run, polled, offers);
-- ``GET /api/jobs/get-job?wait=30&run=R&poll=K`` back to back (``--poll-wait``: a what-if of a
-  longer poll); a job is "run" at once (exit 0,
+  (state, status, runningJobs, run, polled, offers), skipped while the server said
+  ``pollKeepsAlive``, a poll waits and no job is held, as agent.py's;
+- ``GET /api/jobs/get-job?wait=50&run=R&poll=K`` back to back (``--poll-wait``: a what-if of
+  another wait); a job is "run" at once (exit 0,
   no output) and its result sent with ``POST /api/jobs/submit-result`` before the next poll.
 
 A minimal HTTP/1.1 client on asyncio streams rather than aiohttp: aiohttp's pool would share
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REGISTRATION_TOKEN, _raise_nofile  # noqa: E402
 
-POLL_WAIT_SECONDS = 30  # agent.py's POLL_WAIT_SECONDS
+POLL_WAIT_SECONDS = 50  # agent.py's POLL_WAIT_SECONDS
 HTTP_TIMEOUT_SECONDS = 15  # agent.py's HTTP_TIMEOUT_SECONDS
 
 
@@ -169,23 +170,26 @@ class Farm:
                     "polled": polled, "cpus": 4, "memoryMb": 6553, "gpus": 0}
 
         async def heartbeats() -> None:
-            interval = 30.0
+            interval, kept_alive = 30.0, False
             while not self.stop.is_set():
-                try:
-                    sent = time.monotonic()
-                    status, answer = await beat_link.request("POST", "/api/workers/heartbeat", headers, beat_body())
-                    self.beat_ms.append((time.monotonic() - sent) * 1000)
-                    if status != 200:
-                        raise RuntimeError(f"heartbeat answered {status}: {answer}")
-                    self.stats["heartbeats"] += 1
-                    interval = min(max(float(answer["nextCheckIn"]) / 1000, 1.0), 300.0)
-                    announced.set()
-                    delay = interval
-                except asyncio.CancelledError:
-                    raise
-                except Exception as err:
-                    self.error("heartbeat", err)
-                    delay = min(interval, 5.0)
+                delay = interval
+                if not (kept_alive and state["open"] and not state["held"]):  # agent.py's _quiet()
+                    try:
+                        sent = time.monotonic()
+                        status, answer = await beat_link.request("POST", "/api/workers/heartbeat", headers,
+                                                                 beat_body())
+                        self.beat_ms.append((time.monotonic() - sent) * 1000)
+                        if status != 200:
+                            raise RuntimeError(f"heartbeat answered {status}: {answer}")
+                        self.stats["heartbeats"] += 1
+                        interval = delay = min(max(float(answer["nextCheckIn"]) / 1000, 1.0), 300.0)
+                        kept_alive = answer.get("pollKeepsAlive") is True
+                        announced.set()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as err:
+                        self.error("heartbeat", err)
+                        delay = min(interval, 5.0)
                 try:
                     await asyncio.wait_for(self.stop.wait(), delay)
                 except asyncio.TimeoutError:
@@ -275,7 +279,7 @@ def main() -> int:
     p.add_argument("--url", required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--prefix", default=f"sim-{os.getpid()}")
-    p.add_argument("--poll-wait", type=int, default=POLL_WAIT_SECONDS, help="get-job's wait (agent.py: 30)")
+    p.add_argument("--poll-wait", type=int, default=POLL_WAIT_SECONDS, help="get-job's wait (agent.py: 50)")
     args = p.parse_args()
     _raise_nofile(2 * args.count + 256)  # two connections per agent
     asyncio.run(Farm(args.url, args.count, args.prefix, args.poll_wait).main())

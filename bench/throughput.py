@@ -47,6 +47,7 @@ from _common import (  # noqa: E402
     BENCH, REGISTRATION_TOKEN, Agents, DispatchServer, PostgresDatabase, RssSampler, Workspace, api_call, cpu_seconds,
     fmt_range, free_port, login, open_files, parse_iso, peak_rss_mb, percentile, print_banner, reset_peak_rss, rss_mb,
     stop_tree, tree_cpu_seconds, wait_for_workers)
+from _sim_agents import POLL_WAIT_SECONDS  # noqa: E402  agent.py's, mirrored
 
 FINISHED_SQL = "status IN ('completed', 'failed', 'cancelled')"
 
@@ -1090,7 +1091,8 @@ class SimAgents:
     """One ``bench/_sim_agents.py`` process holding `count` protocol-only agents; its lines
     (registered, status, pickup, done, error) are read into futures and counters."""
 
-    def __init__(self, url: str, count: int, prefix: str, log: Path, pickups: dict, dones: dict, poll_wait: int = 30):
+    def __init__(self, url: str, count: int, prefix: str, log: Path, pickups: dict, dones: dict,
+                 poll_wait: int = POLL_WAIT_SECONDS):
         self.url, self.count, self.prefix, self.log, self.poll_wait = url, count, prefix, log, poll_wait
         self.pickups, self.dones = pickups, dones  # {job id: future}, shared by all the processes
         self.registered: asyncio.Future | None = None
@@ -1217,8 +1219,8 @@ async def _farm_measure(farm: DispatchFarm, sims: list[SimAgents], n: int, picku
     print(f"registered {n} workers in {time.monotonic() - t0:.1f} s (server CPU {cpu_seconds(pid) - s0:.1f} s); "
           f"server RSS {rss_mb(pid):.1f} MB", flush=True)
 
-    # 2. every agent starts at a random moment of the ramp (= the heartbeat interval by default: the
-    #    heartbeats and the 30 s poll renewals are then spread evenly, as in a farm that runs for a while)
+    # 2. every agent starts at a random moment of the ramp (= the poll's wait by default: the poll
+    #    renewals are then spread evenly, as in a farm that runs for a while)
     for s in sims:
         await s.send(f"go {args.ramp}")
     await asyncio.sleep(args.ramp + args.settle)
@@ -1442,7 +1444,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--short-rate", type=float, default=20.0, help="big-output: short jobs per second")
     idle = p.add_argument_group("idle-agents options")
     idle.add_argument("--ramp", type=float, help="seconds over which the agents start polling (default 10; "
-                                                   "--farm: 30, the heartbeat interval)")
+                                                   "--farm: --poll-wait, so that poll renewals are spread evenly)")
     idle.add_argument("--duration", type=float, default=30.0, help="seconds measured")
     idle.add_argument("--herd-jobs", type=int, default=10, help="jobs submitted one at a time afterwards")
     idle.add_argument("--settle", type=float, default=5.0, help="--farm: seconds after the ramp before measuring")
@@ -1450,8 +1452,8 @@ def build_parser() -> argparse.ArgumentParser:
     idle.add_argument("--gc-stats", action="store_true",
                       help="--farm: run the server through bench/_dispatch_gc.py and report its garbage collections"
                            " in the idle window (BENCH_GC_THRESHOLD=a,b,c: gc.set_threshold first)")
-    idle.add_argument("--poll-wait", type=int, default=30,
-                      help="--farm: the simulated agents' get-job wait (agent.py's: 30; a what-if of longer polls)")
+    idle.add_argument("--poll-wait", type=int, default=POLL_WAIT_SECONDS,
+                      help=f"--farm: the simulated agents' get-job wait (agent.py's: {POLL_WAIT_SECONDS}; a what-if)")
     idle.add_argument("--start-nofile", type=int, default=1024,
                       help="--farm: the soft open-files limit the server starts with (default 1024)")
     return p
@@ -1460,7 +1462,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.ramp is None:
-        args.ramp = 30.0 if args.farm else 10.0
+        args.ramp = float(args.poll_wait) if args.farm else 10.0
     if not sys.platform.startswith("linux"):
         print("the bench reads /proc: Linux only")
         return 2

@@ -113,6 +113,23 @@ def test_zip_job_runs_in_its_working_directory_and_reports_output_and_exit_code(
     assert f"job {job_id} finished: exit code 3" in agent.log()
 
 
+def test_an_idle_agent_skips_heartbeats_while_its_poll_waits_and_stays_online(server, user, start_agent):
+    """The server says a waiting get-job keeps the worker alive (pollKeepsAlive), so an idle agent
+    sends no heartbeat after its first ones: a farm of idle desktops costs the server their polls.
+    A running job's lease is still renewed by heartbeats."""
+    start_agent("desk-1")
+    wait_until(lambda: user.call("GET", "/api/workers/desk-1")[0] == 200, message="the agent to register")
+    time.sleep(0.5)
+    beats_at_start = server.log().count("POST /api/workers/heartbeat ")
+    time.sleep(4)  # four one-second intervals, where an agent that did not skip would send four
+
+    assert server.log().count("POST /api/workers/heartbeat ") == beats_at_start
+    assert user.call("GET", "/api/workers/desk-1")[1]["worker"]["status"] == "online"
+    job = user.wait(user.submit("sleep 2.5; echo done"))
+    assert (job["status"], job["stdout"]) == ("completed", "done\n")
+    assert server.log().count("POST /api/workers/heartbeat ") >= beats_at_start + 2
+
+
 def test_output_is_visible_while_the_job_runs(user, start_agent, tmp_path):
     go = tmp_path / "go"
     start_agent("desk-1")

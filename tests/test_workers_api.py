@@ -3,9 +3,11 @@ jobs done as the server counts them, and forgetting workers past retention."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -349,6 +351,27 @@ async def test_worker_goes_offline_after_three_missed_intervals_and_back_online(
     assert await status() == "online"
 
 
+async def test_a_worker_whose_poll_waits_here_stays_online_without_heartbeats(make_client, clock):
+    """A get-job waiting on the server is a sign of life, and the heartbeat's answer says so
+    (``pollKeepsAlive``): an idle agent skips the heartbeats that would only say "still here".
+    A worker that neither polls nor beats still goes offline."""
+    api = Api(await make_client(heartbeat_interval=1.0))
+    admin = await api.admin()
+    polling = await api.register("polling")
+    await api.register("silent")
+    answer = await (await heartbeat(api, polling)).json()
+    assert (answer["nextCheckIn"], answer["pollKeepsAlive"]) == (1000, True)
+
+    poll = asyncio.ensure_future(api.call("GET", "/api/jobs/get-job", worker=polling, params={"wait": "2"}))
+    await asyncio.sleep(0.2)
+    clock.advance(60)  # twenty intervals without a heartbeat from either
+    await asyncio.sleep(1.5)  # the server notes the waiting polls once an interval
+
+    assert await worker_ids(api, admin, status="online") == ["polling"]
+    assert await worker_ids(api, admin, status="offline") == ["silent"]
+    assert (await poll).status == 204
+
+
 # -- details --------------------------------------------------------------------
 
 
@@ -408,6 +431,21 @@ async def test_admin_delete_revokes_the_token_at_once_and_requeues_its_job(api):
     assert (await api.claim(other))["jobId"] == job_id
     assert (await api.call("GET", "/api/workers/worker-001", token=admin)).status == 404
     assert (await api.call("DELETE", "/api/workers/worker-001", token=admin)).status == 404
+
+
+async def test_a_deleted_workers_waiting_poll_ends_at_once_and_its_next_request_is_refused(api):
+    """An idle agent skips heartbeats while its poll waits, so the poll itself must end when an
+    admin unregisters the worker: the agent's next request then learns it."""
+    worker = await api.register()
+    poll = asyncio.ensure_future(api.call("GET", "/api/jobs/get-job", worker=worker, params={"wait": "30"}))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+
+    assert (await api.call("DELETE", "/api/workers/worker-001", token=await api.admin())).status == 200
+
+    assert (await poll).status == 204
+    assert time.monotonic() - started < 5
+    assert (await api.call("GET", "/api/jobs/get-job", worker=worker)).status == 401
 
 
 async def test_a_deleted_worker_id_may_register_again(api):
