@@ -2336,14 +2336,13 @@ class Jobs:
                 await self._store.set_progress(job_id, progress)
 
     async def finish(self, worker: Principal, job_id: str, attempt: Optional[int], exit_code: int,
-                     error: Optional[str], output: dict[str, str], running_for: Optional[float],
-                     evicted: Optional[str]) -> None:
+                     error: Optional[str], output: dict[str, str], evicted: Optional[str]) -> None:
         """The worker's final word on its attempt; its output is appended to what was streamed.
         ``evicted`` says why the worker killed it to make way for its owner: it goes back to the queue."""
         async with self._lock(job_id):
             job = await self._held(worker, job_id, attempt)
             for stream, data in output.items():
-                await self._record(job, stream, data, running_for)
+                await self._record(job, stream, data, None)
             outcome = (decide_outcome(job, Ending.EVICTED, error=evicted) if evicted
                        else decide_outcome(job, Ending.EXITED, exit_code, error))
             note = job["artifacts_error"] if job["artifacts_attempt"] == job["attempt"] else None
@@ -3977,8 +3976,9 @@ async def submit_result_view(request: web.Request) -> web.Response:
     if error is not None and not isinstance(error, str):
         raise _invalid_field("error", "error must be a string")
     evicted = _require_string(body, "evicted", required=False, max_length=200)
+    _running_for(body)  # checked; the attempt ends here, so when its command started no longer matters
     await request.app[JOBS].finish(worker, job_id, _optional_int(body, "attempt", minimum=1), exit_code, error,
-                                   output, _running_for(body), evicted)
+                                   output, evicted)
     answer = {"success": True, "message": "Result saved", "jobId": job_id}
     if next_poll is not None:
         answer["next"] = await _next_job_answer(request, worker, *next_poll)
