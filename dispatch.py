@@ -2814,6 +2814,20 @@ class QueueBell:
     def forget(self, future: asyncio.Future) -> None:
         self._waiters.pop(future, None)
 
+    async def wait(self, future: asyncio.Future, deadline: float) -> Optional[Ring]:
+        """What rang for this listener, or None once ``deadline`` (the loop's clock) has passed.
+        The future is awaited itself, so a ring resumes the waiting poll in the loop's next turn."""
+        timer = asyncio.get_running_loop().call_at(deadline, self._expire, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future) -> None:
+        self.forget(future)
+        if not future.done():
+            future.set_result(None)
+
     def ring(self, job_tags: Optional[list[str]], passed: frozenset = frozenset(),
              job_id: Optional[str] = None) -> None:
         """Announce one queued job to a worker not in ``passed`` (None: wake every waiting worker)."""
@@ -3779,6 +3793,7 @@ async def submit_view(request: web.Request) -> web.Response:
         batch = await jobs.submit(principal, _batch_specs(request, body["jobs"]), batch=True)
         return _json({"success": True, "jobIds": [job["id"] for job in batch]}, status=201)
     [job] = await jobs.submit(principal, [_job_spec(request, body)])
+    await asyncio.sleep(0)  # a worker woken for the job claims it now, before the estimate is made
     _, wait = await jobs.why_waiting(job, recent=True)
     return _json({"success": True, "jobId": job["id"], "status": JobState.QUEUED.value,
                   "createdAt": job["created_at"], "estimatedWaitTime": wait}, status=201)
@@ -3857,7 +3872,7 @@ async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, r
         try:
             job = await jobs.claim(worker, run, poll)
             if job is not None:
-                if ring.done():  # it rang while we claimed: the job it announced may be another one
+                if ring.done() and ring.result():  # it rang while we claimed, maybe for another job
                     bell.ring(*ring.result())
                 return job
             if woken_by is not None and woken_by.tags is not None and await jobs.claimable(woken_by.job_id):
@@ -3866,17 +3881,15 @@ async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, r
                 bell.ring(woken_by.tags, woken_by.passed | {worker.id}, woken_by.job_id)
             if woken_by is not None and woken_by.tags is None and not await request.app[STORE].worker_exists(worker.id):
                 return None  # unregistered while it waited: the agent learns it from its next request
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0 or bell.closed:
+            if deadline <= asyncio.get_running_loop().time() or bell.closed:
                 return None
-            await asyncio.wait({ring}, timeout=remaining)
+            woken_by = await bell.wait(ring, deadline)
             if _client_gone(request):
-                if ring.done():
-                    bell.ring(*ring.result())
+                if woken_by:
+                    bell.ring(*woken_by)
                 return None
-            if not ring.done():  # nothing was announced: the agent's next poll claims first anyway
+            if woken_by is None:  # nothing was announced: the agent's next poll claims first anyway
                 return None
-            woken_by = ring.result()
         finally:
             bell.forget(ring)
 
@@ -3888,7 +3901,7 @@ async def _wait_for_approval(request: web.Request, worker: Principal, wait: floa
     bell = request.app[BELL]
     ring = bell.listen(None, worker.id)
     try:
-        await asyncio.wait({ring}, timeout=_poll_deadline(wait) - asyncio.get_running_loop().time())
+        await bell.wait(ring, _poll_deadline(wait))
     finally:
         bell.forget(ring)
 
