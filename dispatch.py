@@ -104,6 +104,7 @@ SCHEMA_VERSION = 7
 
 TOKEN_LIFETIME = dt.timedelta(hours=24)
 REFRESH_GRACE = dt.timedelta(days=7)  # an expired token may still be refreshed this long
+VERIFIED_TOKENS_KEPT = 4096  # JWTs whose signature was checked, remembered (then forgotten all at once)
 API_TOKEN_PREFIX = "dsp_"  # personal API tokens: told apart from JWTs and registration tokens at a glance
 API_TOKEN_DEFAULT_DAYS = 90
 API_TOKEN_MAX_DAYS = 3650
@@ -1593,6 +1594,7 @@ class Tokens:
 
     def __init__(self, secret: str):
         self._secret = secret
+        self._verified: dict[str, dict] = {}  # token -> claims: a signature is checked once, not per request
 
     def issue(self, user: dict, now: dt.datetime) -> tuple[str, int]:
         exp = int((now + TOKEN_LIFETIME).timestamp())
@@ -1602,6 +1604,9 @@ class Tokens:
 
     def decode(self, token: str, *, allow_expired_for: dt.timedelta | None = None) -> dict:
         """Verified claims, or Unauthorized. The algorithm is pinned, so ``alg: none`` never passes."""
+        known = self._verified.get(token)
+        if known is not None and allow_expired_for is None and known["exp"] > time.time():
+            return known
         try:
             claims = jwt.decode(token, self._secret, algorithms=["HS256"],
                                 options={"require": ["sub", "jti", "exp", "iat"],
@@ -1612,6 +1617,9 @@ class Tokens:
             raise Unauthorized("Invalid token", code="INVALID_TOKEN") from None
         if allow_expired_for is not None and claims["exp"] + allow_expired_for.total_seconds() < time.time():
             raise Unauthorized("Token too old to refresh; log in again", code="TOKEN_EXPIRED")
+        if len(self._verified) >= VERIFIED_TOKENS_KEPT:
+            self._verified.clear()
+        self._verified[token] = claims
         return claims
 
 
@@ -4776,8 +4784,10 @@ class _TextFormatter(logging.Formatter):
     """Plain log lines with control characters escaped, so input cannot forge a line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        record = logging.makeLogRecord(record.__dict__)
-        record.msg, record.args = _escape_controls(record.getMessage()), None
+        message = record.getMessage()
+        if not message.isprintable():  # a copy: other handlers see the record as it was
+            record = logging.makeLogRecord(record.__dict__)
+            record.msg, record.args = _escape_controls(message), None
         return super().format(record)
 
 
@@ -4805,6 +4815,7 @@ def _setup_logging(log_format: str) -> None:
     handler.setFormatter(_JsonFormatter() if log_format == "json"
                          else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False  # no line shows them
     logging.getLogger("asyncio").addFilter(_OncePerMinute("out of system resource"))
 
 

@@ -51,7 +51,8 @@ async def measure(url: str, server_pid: int, seconds: float) -> None:
                 sent += burst
                 if pause:
                     await asyncio.sleep(pause)
-            print(f"{label:>26}: {sent:6d} requests, server CPU {(cpu_seconds(server_pid) - cpu) / sent * 1000:.3f} ms each")
+            each = (cpu_seconds(server_pid) - cpu) / sent * 1000
+            print(f"{label:>26}: {sent:6d} requests, server CPU {each:.3f} ms each")
 
 
 def main() -> int:

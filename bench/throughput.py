@@ -1159,8 +1159,9 @@ def mode_farm(args) -> int:
     n = args.farm
     processes = args.farm_processes or max(1, -(-n // 2500))
     print(f"-- farm size: {n} protocol-only agents in {processes} process(es) of bench/_sim_agents.py (each agent: "
-          f"register, a heartbeat every nextCheckIn, get-job?wait={args.poll_wait} back to back, each on its own "
-          f"kept-alive connection as agent.py's threads); the server starts with a soft open-files limit of "
+          f"register, heartbeats as agent.py sends them (none while a poll waits and the server says "
+          f"pollKeepsAlive), get-job?wait={args.poll_wait} back to back, each on its own kept-alive connection "
+          f"as agent.py's threads); the server starts with a soft open-files limit of "
           f"{args.start_nofile} and raises it itself; ramp {args.ramp:g} s + {args.settle:g} s, idle window "
           f"{args.duration:g} s, then {args.probes} jobs one at a time, {args.probe_interval:g} s apart")
     with Workspace(args.keep) as ws:
