@@ -1332,9 +1332,10 @@ class _JobTables(_Database):
                   per_owner AS (SELECT
                       (SELECT COUNT(*) FROM (SELECT 1 FROM jobs j WHERE j.status = 'queued' AND j.parents_left = 0
                          AND j.submitted_by = owners.id AND j.priority_rank > :rank LIMIT :limit) AS h) AS higher,
-                      (SELECT COUNT(*) FROM (SELECT 1 FROM jobs j WHERE j.status = 'queued' AND j.parents_left = 0
-                         AND j.submitted_by = owners.id AND j.priority_rank = :rank
-                         AND (owners.id != :owner OR j.seq < :seq) LIMIT (SELECT n + 1 FROM mine)) AS s) AS same
+                      CASE WHEN owners.id = :owner THEN (SELECT n FROM mine)  -- counted once
+                           ELSE (SELECT COUNT(*) FROM (SELECT 1 FROM jobs j WHERE j.status = 'queued'
+                                   AND j.parents_left = 0 AND j.submitted_by = owners.id AND j.priority_rank = :rank
+                                   LIMIT (SELECT n + 1 FROM mine)) AS s) END AS same
                     FROM owners WHERE owners.id IS NOT NULL)
                 SELECT (SELECT CAST(COALESCE(SUM(higher + same), 0) AS BIGINT) FROM per_owner) AS ahead,
                        (SELECT COUNT(*) FROM jobs WHERE status = 'running') AS running,
