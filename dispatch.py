@@ -3015,7 +3015,8 @@ class Announcer:
             self._cluster.send(event)
 
     def job_changed(self, job: dict) -> None:
-        self._publish(job_event(job))
+        if self.listening:
+            self._publish(job_event(job))
         status, where = job["status"], f" on {job['worker_id']}" if job["worker_id"] else ""
         if status == JobState.QUEUED:
             if not job["parents_left"]:
