@@ -11,7 +11,8 @@ input (checked against its sha256; a zip is extracted safely), streams the outpu
 whole process tree past the job's timeout (counted from the command's start), and reports the
 exit code, asking in the same request for its next job. A result the server cannot take at once
 waits on disk until it can. Every heartbeat is a lease: it
-lists the jobs this run holds, so the server requeues one whose claim never reached the agent.
+lists the jobs this run holds, so the server requeues one whose claim never reached the agent;
+while idle it sends none (its waiting poll keeps it online, when the server says so).
 First Ctrl-C or SIGTERM: take no new jobs, let running ones finish. Second: kill them and
 report them as failed. With --run-as USER (Unix, the agent started as root) every job runs as
 that user, and the agent's own files stay root's. On someone's desktop (--only-when-idle, --hours,

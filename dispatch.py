@@ -3095,6 +3095,12 @@ class Cluster:
         self._outbox: list[dict] = []
         self._outbox_filled = asyncio.Event()
         self._notified = asyncio.Event()
+        self._last_id = 0  # the newest event delivered here (see start)
+
+    async def start(self) -> None:
+        """Take the other servers' events from now on: before this server answers anyone, so that a
+        client connected at its start misses none."""
+        self._last_id = await self._engine.last_event_id()
 
     def send(self, event: dict) -> None:
         self._outbox.append(event)
@@ -3122,16 +3128,13 @@ class Cluster:
                 await asyncio.sleep(1.0)
 
     async def _receive_forever(self) -> None:
-        last_id = None
         while True:
             self._notified.clear()
             try:
                 if not self._engine.listening():
                     await self._engine.listen(self._notice)
-                if last_id is None:
-                    last_id = await self._engine.last_event_id()
-                for row in await self._engine.events_after(last_id, self.server_id):
-                    last_id = row["id"]
+                for row in await self._engine.events_after(self._last_id, self.server_id):
+                    self._last_id = row["id"]
                     self.deliver(json.loads(row["event"]))
             except Exception as exc:
                 log.warning("could not read the other servers' events (%s); trying again", exc)
@@ -4525,6 +4528,7 @@ async def _storage_ctx(app: web.Application):
                          _read_or_create_secret(config.data_path / "jwt_secret", lambda: jwt_secret))
     if store.shared:
         app[CLUSTER] = Cluster(store.engine, app[HUB], app[BELL], app[CLOCK])
+        await app[CLUSTER].start()
     app[ANNOUNCER] = Announcer(app[HUB], app[BELL], app[METRICS], app[CLUSTER])
     app[JOBS] = Jobs(store, config, app[CLOCK], app[ANNOUNCER])
     app[CONTENTS] = contents = (_DatabaseContents(_FileChunks(store.engine), app[CLOCK]) if config.database_url
