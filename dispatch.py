@@ -1089,9 +1089,6 @@ class _WorkerTables(_Database):
                                " AND last_heartbeat < :cutoff AND reported_status != 'offline'",
                                {"since": since, "cutoff": cutoff})
 
-    async def worker_exists(self, worker_id: str) -> bool:
-        return bool(await self._all("SELECT 1 AS found FROM workers WHERE id = ?", (worker_id,)))
-
     async def heard_from(self, worker_ids: set[str]) -> None:
         """Note that these workers are alive (their polls waited on this server), as a heartbeat would."""
         if worker_ids:
@@ -2857,10 +2854,14 @@ class QueueBell:
         """Wake the workers that could take no job, so that they ask again (one was approved)."""
         self._wake(lambda worker_tags, waiter: worker_tags is None)
 
-    def _wake(self, which: Callable[[Optional[frozenset], str], bool]) -> None:
+    def end_polls(self, worker_id: str) -> None:
+        """End the worker's waiting polls now, as if their wait had run out (it was unregistered)."""
+        self._wake(lambda worker_tags, waiter: waiter == worker_id, None)
+
+    def _wake(self, which: Callable[[Optional[frozenset], str], bool], ring: Optional[Ring] = Ring(None)) -> None:
         for future in [future for future, waiter in self._waiters.items() if which(*waiter)]:
             del self._waiters[future]
-            future.set_result(Ring(None))
+            future.set_result(ring)
 
     def close(self) -> None:
         self.closed = True
@@ -3075,7 +3076,8 @@ class Announcer:
     def worker_deleted(self, worker_id: str) -> None:
         """The worker was unregistered: its parked polls end (the next request it makes is refused)."""
         self._publish({"type": "worker.deleted", "workerId": worker_id})
-        self.worker_free(worker_id)
+        self._bell.end_polls(worker_id)
+        self._relay({"type": "bell.end_polls", "workerId": worker_id})
 
     def heartbeats(self, heard: dict[str, str]) -> None:
         """When each worker heard from lately was last heard from: one summary, not an event a heartbeat."""
@@ -3155,6 +3157,8 @@ class Cluster:
             self._bell.wake_worker(event["workerId"])
         elif kind == "bell.wake_held":
             self._bell.wake_held()
+        elif kind == "bell.end_polls":
+            self._bell.end_polls(event["workerId"])
         else:
             self._hub.publish(event)
 
@@ -3892,8 +3896,6 @@ async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, r
                 # Not for us (no room): another worker may fit it. A job another claim took is not
                 # passed on, or one lost race would wake every parked worker in turn.
                 bell.ring(woken_by.tags, woken_by.passed | {worker.id}, woken_by.job_id)
-            if woken_by is not None and woken_by.tags is None and not await request.app[STORE].worker_exists(worker.id):
-                return None  # unregistered while it waited: the agent learns it from its next request
             if deadline <= asyncio.get_running_loop().time() or bell.closed:
                 return None
             woken_by = await bell.wait(ring, deadline)
@@ -3901,7 +3903,7 @@ async def _claim_or_wait(request: web.Request, worker: Principal, wait: float, r
                 if woken_by:
                     bell.ring(*woken_by)
                 return None
-            if woken_by is None:  # nothing was announced: the agent's next poll claims first anyway
+            if woken_by is None:  # the wait ran out (the agent's next poll claims first anyway), or its worker went
                 return None
         finally:
             bell.forget(ring)

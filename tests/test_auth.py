@@ -3,6 +3,7 @@ same-origin rule, the persisted secret, the admin-only user API, and personal AP
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -176,6 +177,19 @@ async def test_an_expired_token_is_refused_but_refreshed_within_the_grace_period
     new = (await response.json())["token"]
     assert await authorised(api, new) == 200
     assert (await api.call("POST", "/api/auth/refresh", token=expired)).status == 401  # now revoked
+
+
+@pytest.mark.slow  # waits for a token to expire
+async def test_a_token_that_worked_is_refused_once_it_expires(api, config):
+    """The server remembers a token whose signature it checked; not past the token's expiry."""
+    token = jwt.encode(claims_for(await admin_id(api), expired_seconds_ago=-2), await secret_of(config),
+                       algorithm="HS256")
+    api.forget_cookies()
+    assert await authorised(api, token) == 200
+
+    await asyncio.sleep(max(0.0, jwt.decode(token, options={"verify_signature": False})["exp"] - time.time()) + 0.1)
+
+    assert await authorised(api, token) == 401
 
 
 async def test_a_token_expired_beyond_the_grace_period_cannot_be_refreshed(api, config):

@@ -45,6 +45,19 @@ async def test_a_job_submitted_on_one_server_wakes_a_worker_parked_on_the_other(
     assert time.monotonic() - began < 5  # woken by the first server's news, not by the end of its wait
 
 
+async def test_a_worker_deleted_on_one_server_has_its_poll_on_the_other_ended(api, other):
+    worker = await other.register()
+    parked = asyncio.create_task(other.call("GET", "/api/jobs/get-job", worker=worker, params={"wait": "20"}))
+    await asyncio.sleep(0.3)  # parked on the other server
+
+    began = time.monotonic()
+    assert (await api.call("DELETE", "/api/workers/worker-001", token=await api.admin())).status == 200
+
+    assert (await asyncio.wait_for(parked, 20)).status == 204
+    assert time.monotonic() - began < 5  # ended by the first server's news, not by the end of its wait
+    assert (await other.call("GET", "/api/jobs/get-job", worker=worker)).status == 401
+
+
 async def test_a_websocket_on_one_server_sees_a_job_run_through_the_other_output_included(api, other):
     admin = await api.admin()
     worker = await api.register()
